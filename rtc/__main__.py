@@ -1,0 +1,5 @@
+"""`python -m rtc` is `rtc`."""
+
+from rtc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,501 @@
+"""The worker's HTTP surface: `/ws`, `/health`, `/metrics`, `/admin/*`, dashboard and demo.
+
+Handlers are thin: they check the request, then hand commands to the `Node`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from rtc import hostmetrics, keys, metrics
+from rtc.auth import Principal, Verifier, mint, token_from_request
+from rtc.config import Settings
+from rtc.connection import Connection
+from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
+from rtc.node import Node
+from rtc.protocol import (
+    Direct,
+    Join,
+    Leave,
+    Members,
+    Ping,
+    Publish,
+    Refresh,
+    encode,
+    encode_error,
+    inbox,
+    parse,
+)
+from rtc.ratelimit import TokenBucket
+
+__all__ = ["STATE", "WorkerState", "build_app", "client_address", "drain_report", "require_admin"]
+
+log = logging.getLogger("rtc.app")
+
+_FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """Process state of one worker, kept on the app."""
+
+    settings: Settings
+    node: Node
+    verifier: Verifier
+    worker: str
+    draining: bool = False
+    drain_task: asyncio.Task[None] | None = None
+    per_ip: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def local_slots(self) -> list[str]:
+        return [f"{self.settings.node_id}:{i}" for i in range(self.settings.workers)]
+
+
+STATE = web.AppKey("state", WorkerState)
+
+
+def build_app(state: WorkerState) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    app[STATE] = state
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_route("*", "/admin/drain", admin_drain)
+    app.router.add_get("/admin/ring", admin_ring)
+    app.router.add_get("/dashboard", dashboard)
+    app.router.add_get("/dashboard/data", dashboard_data)
+    app.router.add_get("/dashboard/events", dashboard_events)
+    if state.settings.demo_enabled:
+        app.router.add_get("/demo", demo)
+        app.router.add_post("/demo/token", demo_token)
+    if state.settings.conformance_echo:
+        app.router.add_get("/echo", echo)
+    return app
+
+
+# -- request checks --------------------------------------------------------------------------
+
+
+def client_address(request: web.Request, settings: Settings) -> str:
+    """The peer, or the last untrusted hop of X-Forwarded-For behind a trusted proxy."""
+    peer = request.remote or "?"
+    if not settings.trusted_proxies or not _in_networks(peer, settings.trusted_proxies):
+        return peer
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _in_networks(hop, settings.trusted_proxies):
+            return hop
+    return peer
+
+
+def _in_networks(address: str, networks: tuple[str, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def _reject(status: int, reason: str, text: str) -> web.HTTPException:
+    metrics.HANDSHAKE_REJECTED.labels(reason).inc()
+    metrics.ERRORS.inc()
+    body = orjson.dumps({"error": reason, "message": text}).decode()
+    return _STATUS[status](text=body, content_type="application/json")
+
+
+_STATUS: dict[int, type[web.HTTPException]] = {
+    401: web.HTTPUnauthorized,
+    403: web.HTTPForbidden,
+    429: web.HTTPTooManyRequests,
+    503: web.HTTPServiceUnavailable,
+}
+
+
+def _principal(request: web.Request, verifier: Verifier) -> Principal:
+    token = token_from_request(request.query.get("token"), request.headers.get("Authorization"))
+    return verifier.verify(token)
+
+
+def require_admin(request: web.Request) -> None:
+    """Admin token, or loopback with no forwarding header (a local operator's curl)."""
+    state = request.app[STATE]
+    try:
+        if _principal(request, state.verifier).admin:
+            return
+    except AuthError:
+        pass
+    peer = request.remote or ""
+    if _is_loopback(peer) and not any(h in request.headers for h in _FORWARDING_HEADERS):
+        return
+    raise web.HTTPForbidden(text='{"error":"forbidden"}', content_type="application/json")
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+# -- WebSocket ------------------------------------------------------------------------------------
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    settings = state.settings
+    if state.draining:
+        raise _reject(503, "draining", "host is draining: reconnect elsewhere")
+    share = -(-settings.max_connections // settings.workers)
+    if settings.max_connections and len(state.node.connections) >= share:
+        raise _reject(503, "full", "host is full")
+    origin = request.headers.get("Origin")
+    if settings.allowed_origins and origin not in settings.allowed_origins:
+        raise _reject(403, "origin", "origin not allowed")
+    try:
+        principal = _principal(request, state.verifier)
+    except AuthError as exc:
+        log.info("handshake refused: %s", exc)
+        raise _reject(401, "auth", "missing, invalid or expired token") from None
+    address = client_address(request, settings)
+    if settings.max_connections_per_ip and state.per_ip[address] >= settings.max_connections_per_ip:
+        raise _reject(429, "per_ip", "too many connections from this address")
+
+    ws = web.WebSocketResponse(
+        max_msg_size=settings.max_message_bytes,
+        compress=False,
+        heartbeat=settings.ws_heartbeat,
+        autoclose=False,
+    )
+    await ws.prepare(request)
+    assert request.transport is not None
+    state.per_ip[address] += 1
+    conn = Connection(
+        ws, request.transport, principal, secrets.token_urlsafe(16), address,
+        TokenBucket(settings.rate, settings.rate_burst, time.monotonic()),
+        settings.send_queue_bytes, state.worker,
+    )
+    metrics.ACTIVE_CONNECTIONS.inc()
+    metrics.TOTAL_CONNECTIONS.inc()
+    connections = metrics.CONNECTIONS.labels(state.worker)
+    connections.inc()
+    expiry = _ExpiryTimer(conn)
+    try:
+        resumed = await _open_session(state, conn, request.query.get("session"))
+        if resumed is not None:
+            for room, since, epoch in resumed:
+                await _run(state, conn, Join(room, since, epoch))
+        await _serve(state, conn)
+    finally:
+        expiry.cancel()
+        state.per_ip[address] -= 1
+        if not state.per_ip[address]:
+            del state.per_ip[address]
+        metrics.ACTIVE_CONNECTIONS.dec()
+        connections.dec()
+        await state.node.detach(conn)
+    return ws
+
+
+async def _open_session(
+    state: WorkerState, conn: Connection, sid: str | None
+) -> list[tuple[str, int, str]] | None:
+    """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
+    node = state.node
+    await node.attach(conn)
+    rejoin: list[tuple[str, int, str]] | None = None
+    if sid:
+        saved = await node.broker.load_session(sid)
+        if saved.get("user") == conn.user:
+            conn.session = sid
+            rejoin = []
+            for name, value in saved.items():
+                if name.startswith("r:"):
+                    seq, _, epoch = value.partition(":")
+                    rejoin.append((name[2:], int(seq), epoch))
+            rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
+    await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+    conn.send(encode("welcome", session=conn.session, user=conn.user,
+                     node=state.settings.node_id, resumed=rejoin is not None))
+    return rejoin
+
+
+class _ExpiryTimer:
+    """Closes 4001 when the token expires without a refresh: a timer, not a task."""
+
+    __slots__ = ("_conn", "_handle")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._handle = asyncio.get_running_loop().call_later(self._remaining(), self._check)
+
+    def _remaining(self) -> float:
+        return max(0.0, self._conn.principal.exp - time.time())
+
+    def _check(self) -> None:
+        remaining = self._remaining()
+        if remaining > 0:  # refreshed meanwhile
+            self._handle = asyncio.get_running_loop().call_later(remaining, self._check)
+        else:
+            self._conn.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+async def _serve(state: WorkerState, conn: Connection) -> None:
+    ws = conn.ws
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            await _handle(state, conn, msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            _send_error(conn, ErrorCode.BAD_REQUEST, "binary frames are not supported")
+        elif msg.type is WSMsgType.CLOSE:
+            # Orderly close: checkpoint first, so the client may resume elsewhere at once.
+            await _final_checkpoint(state, [conn])
+            await ws.close()
+            break
+        elif msg.type is WSMsgType.ERROR:
+            break
+
+
+async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
+    try:
+        await state.node.broker.save_sessions(
+            state.node.checkpoints(conns, final=True), state.settings.session_ttl)
+    except Exception as exc:
+        log.warning("final session checkpoint failed: %s", exc)
+
+
+async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
+    metrics.MESSAGES_RECEIVED.inc()
+    now = time.monotonic()
+    if not conn.bucket.take(now):
+        metrics.RATE_LIMIT_DENIED.inc()
+        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down")
+        if conn.abuse.deny(now):
+            conn.close_soon(CloseCode.POLICY, "rate limit abuse")
+        return
+    try:
+        command = parse(data)
+    except ProtocolError as exc:
+        _send_error(conn, exc.code, exc.message)
+        return
+    await _run(state, conn, command)
+
+
+async def _run(state: WorkerState, conn: Connection, command: object) -> None:
+    node = state.node
+    request_id = getattr(command, "id", None)
+    try:
+        match command:
+            case Publish():
+                node.publish(conn, command)
+            case Join():
+                await node.join(conn, command)
+            case Leave(room=room):
+                await node.leave(conn, room, request_id)
+            case Direct():
+                node.direct(conn, command)
+            case Members(room=room):
+                await node.members(conn, room, request_id)
+            case Refresh(token=token):
+                await _refresh(state, conn, token, request_id)
+            case Ping():
+                conn.send(encode("pong", request_id))
+    except ProtocolError as exc:
+        _send_error(conn, exc.code, exc.message, request_id)
+    except Exception:
+        log.exception("command failed", extra={"conn": conn.id})
+        _send_error(conn, ErrorCode.INTERNAL, "internal error", request_id)
+
+
+async def _refresh(state: WorkerState, conn: Connection, token: str, request_id: object) -> None:
+    try:
+        principal = state.verifier.verify(token)
+    except AuthError:
+        raise ProtocolError(ErrorCode.FORBIDDEN, "token rejected") from None
+    if principal.user != conn.user:
+        raise ProtocolError(ErrorCode.FORBIDDEN, "token is for another user")
+    conn.principal = principal
+    for room in sorted(conn.rooms):
+        if not principal.may_join(room):
+            await state.node.leave(conn, room, None)
+    conn.send(encode("refreshed", request_id, exp=principal.exp))  # type: ignore[arg-type]
+
+
+def _send_error(conn: Connection, code: ErrorCode, message: str, request_id: Any = None) -> None:
+    metrics.ERROR_FRAMES.labels(code.value).inc()
+    metrics.ERRORS.inc()
+    conn.send(encode_error(code, message, request_id))
+
+
+# -- health and metrics ------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    in_ring = set(state.local_slots) <= set(state.node.ring.slots)
+    redis_ok = await state.node.broker.ping()
+    ok = in_ring and not state.draining
+    status = "ok" if ok else ("draining" if state.draining else "starting")
+    body = {"status": status, "node": state.settings.node_id, "worker": state.worker,
+            "redis": redis_ok, "in_ring": in_ring}
+    return web.json_response(body, status=200 if ok else 503, dumps=_dumps)
+
+
+def wants_prometheus(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return "text/plain" in accept or "application/openmetrics-text" in accept
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    if wants_prometheus(request):
+        return web.Response(body=hostmetrics.prometheus_text(),
+                            content_type="text/plain", charset="utf-8")
+    state = request.app[STATE]
+    return web.json_response({**hostmetrics.snapshot(), "node": state.settings.node_id,
+                              "draining": state.draining}, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# -- admin -----------------------------------------------------------------------------------------------
+
+
+async def admin_ring(request: web.Request) -> web.Response:
+    require_admin(request)
+    ring = request.app[STATE].node.ring
+    body: dict[str, Any] = {"slots": list(ring.slots)}
+    if "key" in request.query:
+        body["owner"] = ring.owner(request.query["key"])
+    return web.json_response(body, dumps=_dumps)
+
+
+async def admin_drain(request: web.Request) -> web.Response:
+    """POST starts a host drain, GET reports it, DELETE undoes it."""
+    require_admin(request)
+    state = request.app[STATE]
+    node = state.node
+    key = keys.drain(state.settings.node_id, node.instance)
+    control = keys.host_control(state.settings.node_id)
+    if request.method == "POST":
+        await node.broker.set_fields(key, {"active": str(time.time())}, 86400)
+        await node.broker.publish_many([(control, b"drain")])
+        active = hostmetrics.snapshot()["active_connections"]
+        return web.json_response({"draining": active}, status=202, dumps=_dumps)
+    if request.method == "DELETE":
+        await node.broker.delete(key)
+        await node.broker.publish_many([(control, b"undrain")])
+        return web.json_response({"draining": False}, dumps=_dumps)
+    if request.method == "GET":
+        return web.json_response(await drain_report(state), dumps=_dumps)
+    raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST", "DELETE"])
+
+
+async def drain_report(state: WorkerState) -> dict[str, Any]:
+    """Progress of the host's drain, summed over the workers' reports."""
+    fields = await state.node.broker.get_fields(keys.drain(state.settings.node_id, state.node.instance))
+    reports = [orjson.loads(v) for k, v in fields.items() if k.startswith("w:")]
+    done = bool(reports) and all(r["done"] for r in reports) and len(reports) >= state.settings.workers
+    return {
+        "draining": "active" in fields,
+        "done": done,
+        "migrated": sum(r["migrated"] for r in reports),
+        "failed": sum(r["failed"] for r in reports),
+        "seconds": max((r["seconds"] for r in reports), default=0.0),
+        "active_connections": hostmetrics.snapshot()["active_connections"],
+    }
+
+
+# -- pages --------------------------------------------------------------------------------------------------
+
+
+def _static(name: str) -> bytes:
+    return resources.files("rtc").joinpath("static", name).read_bytes()
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    require_admin(request)
+    return web.Response(body=_static("dashboard.html"), content_type="text/html")
+
+
+async def dashboard_data(request: web.Request) -> web.Response:
+    require_admin(request)
+    return web.json_response(_dashboard_snapshot(request.app[STATE]), dumps=_dumps)
+
+
+async def dashboard_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one snapshot a second while the page is open."""
+    require_admin(request)
+    state = request.app[STATE]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    while not state.draining:
+        await response.write(b"data: " + orjson.dumps(_dashboard_snapshot(state)) + b"\n\n")
+        await asyncio.sleep(1.0)
+    return response
+
+
+def _dashboard_snapshot(state: WorkerState) -> dict[str, Any]:
+    snap = hostmetrics.snapshot()
+    return {
+        "node": state.settings.node_id,
+        "draining": state.draining,
+        "workers": snap.pop("workers"),
+        "latency_ms": snap.pop("latency_ms"),
+        "totals": snap,
+        "ring": {"slots": list(state.node.ring.slots)},
+        "ts": int(time.time() * 1000),
+    }
+
+
+async def demo(request: web.Request) -> web.Response:
+    return web.Response(body=_static("demo.html"), content_type="text/html")
+
+
+async def demo_token(request: web.Request) -> web.Response:
+    """Development tokens for the demo page (only with --demo: never in production)."""
+    state = request.app[STATE]
+    try:
+        body = await request.json(loads=orjson.loads)
+        user = body["user"]
+        if not isinstance(user, str) or not 0 < len(user) <= 64 or "@" in user:
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise web.HTTPBadRequest(text='{"error":"user must be a short name"}',
+                                 content_type="application/json") from None
+    if not state.settings.jwt_secret:
+        raise web.HTTPServiceUnavailable(text='{"error":"demo needs an HMAC secret"}',
+                                         content_type="application/json")
+    token = mint(state.settings.jwt_secret, user, now=time.time(), ttl=3600,
+                 algorithm=state.settings.jwt_algorithms[0])
+    return web.json_response({"token": token}, dumps=_dumps)
+
+
+async def echo(request: web.Request) -> web.WebSocketResponse:
+    """Autobahn conformance only: echo with the same limits and settings as `/ws`."""
+    settings = request.app[STATE].settings
+    ws = web.WebSocketResponse(max_msg_size=settings.max_message_bytes, compress=False)
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+

@@ -1,0 +1,77 @@
+"""What the routing layer needs from a broker, and what the broker pushes back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol
+
+__all__ = ["Broker", "BrokerHandler", "Sequenced", "SlotTaken", "Unsequenced"]
+
+
+class SlotTaken(Exception):
+    """A live worker of another host instance already holds this slot id (duplicate --node-id)."""
+
+
+class Unsequenced(NamedTuple):
+    """One publish waiting for its seq: the frame halves around the seq, and its dedup key."""
+
+    head: bytes
+    tail: bytes
+    ts: int
+    dedup: str | None
+
+
+class Sequenced(NamedTuple):
+    epoch: str
+    seqs: list[int]
+
+
+class BrokerHandler(Protocol):
+    """Receives what arrives over pub/sub; the broker never knows about clients."""
+
+    def on_channel_message(self, channel: bytes, payload: bytes) -> None: ...
+
+    def on_resubscribed(self, channel: bytes) -> None:
+        """The subscription was re-established: messages may have been missed."""
+
+
+class Broker(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def heartbeat(self, slot: str, instance: str, ttl_ms: int) -> list[str]: ...
+
+    async def live_slots(self) -> list[str]: ...
+
+    async def leave_ring(self, slot: str) -> None: ...
+
+    async def subscribe(self, channel: str) -> None: ...
+
+    async def unsubscribe(self, channel: str) -> None: ...
+
+    async def open_room(self, room: str, ttl: int) -> tuple[int, str]: ...
+
+    async def sequence(
+        self, room: str, batch: Sequence[Unsequenced], history_size: int, ttl: int
+    ) -> Sequenced: ...
+
+    async def history(self, room: str, after: int, upto: int) -> list[tuple[int, bytes]]: ...
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]: ...
+
+    async def join(self, room: str, slot: str, user: str, presence: bytes, presence_max: int, ttl: int) -> int: ...
+
+    async def leave(self, room: str, slot: str, user: str) -> bool: ...
+
+    async def presence_gone(self, room: str, user: str, presence: bytes, presence_max: int) -> bool: ...
+
+    async def members(self, room: str, limit: int) -> tuple[int, list[str]]: ...
+
+    async def refresh_members(self, slot: str, rooms: Sequence[str], ttl: int) -> None: ...
+
+    async def save_sessions(self, sessions: Mapping[str, Mapping[str, str]], ttl: int) -> None: ...
+
+    async def load_session(self, sid: str) -> dict[str, str]: ...
+
+    async def ping(self) -> bool: ...

@@ -1,0 +1,117 @@
+"""`rtc serve | check-config | token | drain | status`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from rtc import __version__
+from rtc.config import Settings, add_serve_arguments, settings_from
+from rtc.errors import ConfigError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are one line on stderr and exit 2, like every bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rtc", description="Real-time Communication Service")
+    parser.add_argument("--version", action="version", version=f"rtc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = commands.add_parser("serve", help="run the supervisor and its workers")
+    add_serve_arguments(serve)
+    check = commands.add_parser("check-config", help="validate the settings and exit 0 or 2")
+    add_serve_arguments(check)
+    token = commands.add_parser("token", help="print a signed development token")
+    add_serve_arguments(token)
+    token.add_argument("--user", required=True)
+    token.add_argument("--rooms", nargs="*", metavar="PATTERN")
+    token.add_argument("--admin", action="store_true")
+    token.add_argument("--ttl", type=int, default=3600)
+    for name, text in (("drain", "drain a host and wait, printing progress"),
+                       ("status", "print the host's JSON summary")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--url", default="http://127.0.0.1:8081")
+        sub.add_argument("--timeout", type=float, default=300.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        match args.command:
+            case "serve":
+                return _serve(settings_from(args))
+            case "check-config":
+                settings = settings_from(args)
+                print(f"rtc: configuration ok ({settings.workers} workers on "
+                      f"{settings.host}:{settings.port})")
+                return 0
+            case "token":
+                return _token(settings_from(args), args)
+            case "drain":
+                return _drain(args.url, args.timeout)
+            case "status":
+                print(json.dumps(_request("GET", args.url + "/metrics"), indent=2))
+                return 0
+    except ConfigError as exc:
+        print(f"rtc: {exc}", file=sys.stderr)
+        return 2
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"rtc: {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _serve(settings: Settings) -> int:
+    from rtc.log import setup_logging
+    from rtc.supervisor import Supervisor
+
+    setup_logging(settings, worker="-")
+    return Supervisor(settings).run()
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from rtc.auth import mint
+
+    if not settings.jwt_secret:
+        raise ConfigError("rtc token signs with the HMAC secret: set JWT_SECRET")
+    print(mint(settings.jwt_secret, args.user, now=time.time(), ttl=args.ttl, rooms=args.rooms,
+               admin=args.admin, algorithm=settings.jwt_algorithms[0]))
+    return 0
+
+
+def _request(method: str, url: str) -> Any:
+    request = urllib.request.Request(url, method=method, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _drain(url: str, timeout: float) -> int:
+    """POST /admin/drain, then poll until the host reports the drain done."""
+    url = url.rstrip("/")
+    started = _request("POST", url + "/admin/drain")
+    print(f"draining {started['draining']} connections on {url}", flush=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        report = _request("GET", url + "/admin/drain")
+        print(f"  active={report['active_connections']} migrated={report['migrated']} "
+              f"failed={report['failed']}", flush=True)
+        if report["done"] and report["active_connections"] == 0:
+            print(f"drained in {report['seconds']:.2f}s: {report['migrated']} migrated, "
+                  f"{report['failed']} failed")
+            return 0
+        time.sleep(0.5)
+    print("rtc: drain did not finish in time", file=sys.stderr)
+    return 1

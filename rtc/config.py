@@ -1,0 +1,272 @@
+"""One frozen `Settings` built from defaults < environment < command line.
+
+This is the only module that reads `os.environ`. Every setting has a flag of
+`rtc serve` and a variable `RTC_<FLAG_IN_UPPER_SNAKE>`; the seed's names
+(`JWT_SECRET`, `REDIS_URL`, `MAX_CONNECTIONS`, `NODE_ID`, `POD_NAME`) are
+fallbacks that an `RTC_` variable beats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from rtc.errors import ConfigError
+
+__all__ = ["Settings", "add_serve_arguments", "settings_from"]
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
+)
+SEED_FALLBACKS = {
+    "jwt_secret": ("JWT_SECRET",),
+    "redis_url": ("REDIS_URL",),
+    "max_connections": ("MAX_CONNECTIONS",),
+    "node_id": ("NODE_ID", "POD_NAME"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a supervisor and its workers need to know, validated."""
+
+    host: str = "0.0.0.0"
+    port: int = 8081
+    metrics_port: int = 9090
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    node_id: str = field(default_factory=socket.gethostname)
+    redis_url: str | None = None
+    redis_cluster: tuple[str, ...] = ()
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    max_message_bytes: int = 65536
+    max_rooms: int = 100
+    rate: float = 20.0
+    rate_burst: int = 40
+    send_queue_bytes: int = 1 << 20
+    history_size: int = 1000
+    history_ttl: int = 3600
+    session_ttl: int = 300
+    presence_events_max: int = 100
+    public_url: str | None = None
+    drain_batch: int = 500
+    drain_interval: float = 0.1
+    shutdown_timeout: float = 30.0
+    runtime_dir: str | None = None
+    demo: bool | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    ws_heartbeat: float = 20.0
+    handshake_timeout: float = 10.0
+    conformance_echo: bool = False
+    notify_socket: str | None = None
+    watchdog_usec: int = 0
+
+    @property
+    def embedded_redis(self) -> bool:
+        """No Redis configured: the supervisor runs a private one."""
+        return not self.redis_url and not self.redis_cluster
+
+    @property
+    def demo_enabled(self) -> bool:
+        """`/demo` mints tokens, so it is on only when asked or in embedded mode."""
+        return self.embedded_redis if self.demo is None else self.demo
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("host", str, "public listener address"),
+    _Option("port", int, "public listener port"),
+    _Option("metrics_port", int, "host aggregate metrics port (0: off)"),
+    _Option("workers", int, "worker processes (default: CPUs)"),
+    _Option("node_id", str, "this host's id in the cluster"),
+    _Option("redis_url", str, "redis://, rediss:// or unix:// URL (default: embedded)"),
+    _Option("redis_cluster", _csv, "Redis Cluster seed URLs, comma separated", "URLS"),
+    _Option("jwt_secret", str, "HMAC secret for HS* tokens"),
+    _Option("jwt_secret_file", str, "read the HMAC secret from FILE", "FILE"),
+    _Option("jwt_public_key", str, "PEM public key FILE for RS*/ES* tokens", "FILE"),
+    _Option("jwt_algorithms", _csv, "accepted token algorithms, comma separated", "ALGS"),
+    _Option("jwt_audience", str, "required `aud` claim"),
+    _Option("jwt_issuer", str, "required `iss` claim"),
+    _Option("allowed_origins", _csv, "comma list of allowed Origin values (default: any)"),
+    _Option("trusted_proxies", _csv, "CIDRs whose X-Forwarded-For names the client"),
+    _Option("max_connections", int, "per-host connection cap (0: off)"),
+    _Option("max_connections_per_ip", int, "per-client-address cap (0: off)"),
+    _Option("max_message_bytes", int, "largest incoming frame"),
+    _Option("max_rooms", int, "rooms joined per connection"),
+    _Option("rate", float, "messages per second per connection"),
+    _Option("rate_burst", int, "token bucket burst"),
+    _Option("send_queue_bytes", int, "per-connection outbound bound"),
+    _Option("history_size", int, "messages kept per room and inbox"),
+    _Option("history_ttl", int, "seconds history is kept after the last message"),
+    _Option("session_ttl", int, "seconds a session can be resumed"),
+    _Option("presence_events_max", int, "no presence events in rooms with more members"),
+    _Option("public_url", str, "new_endpoint announced on drain"),
+    _Option("drain_batch", int, "connections closed per drain step"),
+    _Option("drain_interval", float, "seconds between drain steps"),
+    _Option("shutdown_timeout", float, "seconds a graceful stop may take"),
+    _Option("runtime_dir", str, "metrics files and embedded Redis socket"),
+    _Option("demo", _bool, "serve /demo, which mints tokens (default: on when embedded)"),
+    _Option("log_level", str, "debug, info, warning or error"),
+    _Option("log_format", str, "text or json"),
+    _Option("ws_heartbeat", float, "WebSocket ping interval in seconds"),
+    _Option("handshake_timeout", float, "seconds a client has to complete the upgrade"),
+    _Option("conformance_echo", _bool, "serve /echo for Autobahn (tests only)"),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register every setting as a flag; values stay strings until `settings_from`."""
+    for option in _OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        if option.parse is _bool:
+            parser.add_argument(
+                flag, dest=option.name, action=argparse.BooleanOptionalAction, help=option.help
+            )
+        else:
+            parser.add_argument(flag, dest=option.name, metavar=option.metavar, help=option.help)
+
+
+def settings_from(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge defaults, environment and parsed flags into validated `Settings`."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for option in _OPTIONS:
+        cli_value = getattr(args, option.name, None) if args is not None else None
+        if cli_value is not None:
+            flag = "--" + option.name.replace("_", "-")
+            raw[option.name] = cli_value if isinstance(cli_value, bool) else _parse(option, cli_value, flag)
+            continue
+        env_name = "RTC_" + option.name.upper()
+        for name in (env_name, *SEED_FALLBACKS.get(option.name, ())):
+            if environ.get(name, "") != "":
+                raw[option.name] = _parse(option, environ[name], name)
+                break
+    secret_file = raw.pop("jwt_secret_file", None)
+    raw["jwt_secret"] = _secret(raw.get("jwt_secret"), secret_file, environ)
+    if raw.get("jwt_public_key"):
+        raw["jwt_public_key"] = _read(raw["jwt_public_key"], "--jwt-public-key")
+    if raw.get("runtime_dir") is None and environ.get("RUNTIME_DIRECTORY"):
+        raw["runtime_dir"] = environ["RUNTIME_DIRECTORY"].split(":")[0]
+    raw["notify_socket"] = environ.get("NOTIFY_SOCKET") or None
+    raw["watchdog_usec"] = _parse(
+        _Option("watchdog_usec", int, ""), environ.get("WATCHDOG_USEC", "0"), "WATCHDOG_USEC"
+    )
+    settings = Settings(**raw)
+    _validate(settings)
+    return settings
+
+
+def _parse(option: _Option, value: str, source: str) -> Any:
+    try:
+        return option.parse(value)
+    except ValueError:
+        raise ConfigError(f"{source}: invalid value {value!r}") from None
+
+
+def _read(path: str, source: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read {path}: {exc.strerror}") from None
+
+
+def _secret(secret: str | None, secret_file: str | None, environ: Mapping[str, str]) -> str | None:
+    if secret_file:
+        return _read(secret_file, "--jwt-secret-file")
+    if secret:
+        return secret
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / "jwt-secret").is_file():
+        return _read(str(Path(credentials) / "jwt-secret"), "$CREDENTIALS_DIRECTORY/jwt-secret")
+    return None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _validate(s: Settings) -> None:
+    _require(1 <= s.port <= 65535, f"--port: {s.port} is not a TCP port")
+    _require(0 <= s.metrics_port <= 65535, f"--metrics-port: {s.metrics_port} is not a TCP port")
+    _require(s.metrics_port != s.port, "--metrics-port must differ from --port")
+    _require(1 <= s.workers <= 256, f"--workers: {s.workers} is not in 1..256")
+    _require(
+        bool(s.node_id) and all(c.isalnum() or c in "-_." for c in s.node_id),
+        f"--node-id: {s.node_id!r} may hold only letters, digits, '-', '_' and '.'",
+    )
+    if s.redis_url:
+        scheme = urlparse(s.redis_url).scheme
+        _require(scheme in {"redis", "rediss", "unix"}, f"--redis-url: unsupported scheme {scheme!r}")
+    for url in s.redis_cluster:
+        _require(urlparse(url).scheme == "redis", f"--redis-cluster: {url!r} is not a redis:// URL")
+    _require(not s.redis_cluster, "--redis-cluster: Redis Cluster is not supported by this version yet")
+    unknown = set(s.jwt_algorithms) - HMAC_ALGORITHMS - PUBLIC_KEY_ALGORITHMS
+    _require(bool(s.jwt_algorithms) and not unknown, f"--jwt-algorithms: unsupported {sorted(unknown)}")
+    hmac = set(s.jwt_algorithms) & HMAC_ALGORITHMS
+    _require(not (hmac and set(s.jwt_algorithms) - HMAC_ALGORITHMS),
+             "--jwt-algorithms: do not mix HMAC and public-key algorithms (key confusion)")
+    if hmac:
+        _require(bool(s.jwt_secret), "a JWT secret is required: set JWT_SECRET, --jwt-secret or --jwt-secret-file")
+    else:
+        _require(bool(s.jwt_public_key), "--jwt-public-key is required for public-key algorithms")
+    for cidr in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"--trusted-proxies: {cidr!r} is not a CIDR") from None
+    for name in ("max_connections", "max_connections_per_ip", "presence_events_max"):
+        _require(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("max_message_bytes", "max_rooms", "rate_burst", "send_queue_bytes",
+                 "history_size", "history_ttl", "session_ttl", "drain_batch"):
+        _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+    for name in ("rate", "drain_interval", "shutdown_timeout", "ws_heartbeat", "handshake_timeout"):
+        _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+    _require(s.log_level in {"debug", "info", "warning", "error"}, f"--log-level: {s.log_level!r}")
+    _require(s.log_format in {"text", "json"}, f"--log-format: {s.log_format!r} is not text or json")
+    if s.runtime_dir is not None:
+        _require(len(os.path.join(s.runtime_dir, "redis.sock")) <= 100,
+                 "--runtime-dir: path too long for a Unix socket (100 bytes at most)")
+

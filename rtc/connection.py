@@ -1,0 +1,124 @@
+"""One client connection: who it is, what it joined, and its one bounded way out.
+
+Outgoing frames are written straight to the connection's transport; the transport's
+write buffer is the connection's send queue, and the event loop is its one writer. When
+that buffer passes `--send-queue-bytes` the consumer is too slow: it is closed with
+1013 and nothing waits on it. A broadcast therefore never blocks on one socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from rtc import metrics
+from rtc.errors import CloseCode
+from rtc.protocol import wire_text
+from rtc.ratelimit import AbuseWindow, TokenBucket
+
+if TYPE_CHECKING:
+    from rtc.auth import Principal
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("rtc.connection")
+
+_ids = itertools.count(1)
+_CLOSE_FLUSH_SECONDS = 5.0
+
+
+class Connection:
+    """State of one WebSocket; the routing layer delivers to it with `send_wire`."""
+
+    __slots__ = (
+        "abuse",
+        "bucket",
+        "closing",
+        "cursors",
+        "held",
+        "id",
+        "peer",
+        "principal",
+        "rooms",
+        "session",
+        "transport",
+        "ws",
+        "_limit",
+        "_worker",
+    )
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        principal: Principal,
+        session: str,
+        peer: str,
+        bucket: TokenBucket,
+        send_queue_bytes: int,
+        worker: str,
+    ) -> None:
+        self.id = next(_ids)
+        self.ws = ws
+        self.transport = transport
+        self.principal = principal
+        self.session = session
+        self.peer = peer
+        self.bucket = bucket
+        self.abuse = AbuseWindow()
+        self.rooms: set[str] = set()
+        # Rooms being replayed: live frames wait here until the replay has been sent.
+        self.held: dict[str, list[bytes]] = {}
+        # Last seq checkpointed per room, for resume.
+        self.cursors: dict[str, int] = {}
+        self.closing = False
+        self._limit = send_queue_bytes
+        self._worker = worker
+
+    @property
+    def user(self) -> str:
+        return self.principal.user
+
+    def send(self, payload: bytes) -> None:
+        """Send one JSON frame (a reply or an event)."""
+        self.send_wire(wire_text(payload))
+
+    def send_wire(self, wire: bytes) -> None:
+        """Write an already framed message; close the consumer if it cannot keep up."""
+        if self.closing:
+            return
+        self.transport.write(wire)
+        if self.transport.get_write_buffer_size() > self._limit:
+            metrics.SLOW_CONSUMERS.labels(self._worker).inc()
+            log.info("slow consumer closed", extra={"conn": self.id, "user": self.user})
+            self.close_soon(CloseCode.TRY_AGAIN, "slow consumer")
+
+    def deliver(self, room: str, wire: bytes) -> None:
+        """A live room frame: held back while the room is replaying, else sent."""
+        held = self.held.get(room)
+        if held is None:
+            self.send_wire(wire)
+        else:
+            held.append(wire)
+
+    def close_soon(self, code: CloseCode, reason: str) -> None:
+        """Start a close handshake; abort the transport if it cannot finish in time."""
+        if self.closing:
+            return
+        self.closing = True
+        asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: CloseCode, reason: str) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_FLUSH_SECONDS):
+                await self.ws.close(code=code, message=reason.encode())
+        except (TimeoutError, ConnectionError):
+            self.transport.abort()
+        with contextlib.suppress(Exception):
+            if not self.ws.closed:
+                self.transport.abort()

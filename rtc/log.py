@@ -1,0 +1,67 @@
+"""Logging as ops read it: text or one JSON object per line, never a token."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+
+import orjson
+
+from rtc.config import Settings
+
+__all__ = ["redact", "setup_logging"]
+
+_TOKEN = re.compile(r"(token=)[^&\s\"]+", re.IGNORECASE)
+_BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_EXTRA_FIELDS = ("conn", "user", "room")
+
+
+def redact(text: str) -> str:
+    """Replace token values in URLs and Authorization headers by `***`."""
+    return _BEARER.sub(r"\1***", _TOKEN.sub(r"\1***", text))
+
+
+class _JsonFormatter(logging.Formatter):
+    def __init__(self, node: str, worker: str) -> None:
+        super().__init__()
+        self._node = node
+        self._worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "event": redact(record.getMessage()),
+            "logger": record.name,
+            "node": self._node,
+            "worker": self._worker,
+        }
+        for name in _EXTRA_FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(entry).decode()
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self, node: str, worker: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s [{node}/{worker}] %(name)s: %(message)s")
+        self.converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def setup_logging(settings: Settings, worker: str) -> None:
+    """Configure the root logger of this process (supervisor: worker `-`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter_class = _JsonFormatter if settings.log_format == "json" else _TextFormatter
+    handler.setFormatter(formatter_class(settings.node_id, worker))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    logging.getLogger("aiohttp.access").setLevel(
+        logging.INFO if settings.log_level == "debug" else logging.WARNING)

@@ -1,0 +1,90 @@
+"""Every metric rtc exports, declared once, in the multiprocess registry.
+
+prometheus_client picks multiprocess mode when it is first imported, so the supervisor
+sets `PROMETHEUS_MULTIPROC_DIR` before anything imports this module. The seed's six
+unlabelled names come first: the seed's dashboard and alerts query them as they are.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "ACTIVE_CONNECTIONS",
+    "CONNECTIONS",
+    "DELIVERIES",
+    "DRAINS",
+    "ERRORS",
+    "ERROR_FRAMES",
+    "FANOUT_RECEIVED",
+    "FANOUT_SIZE",
+    "FORWARDED",
+    "GAPS_FILLED",
+    "GAPS_REPORTED",
+    "HANDSHAKE_REJECTED",
+    "JOINS",
+    "MESSAGES_RECEIVED",
+    "MESSAGES_SENT",
+    "MIGRATED",
+    "PUBLISH_TO_DELIVER",
+    "PUBSUB_RECONNECTS",
+    "RATE_LIMIT_DENIED",
+    "REDIS_ERRORS",
+    "REDIS_SECONDS",
+    "REDIS_UP",
+    "RING_SLOTS",
+    "ROOMS",
+    "SLOW_CONSUMERS",
+    "TOTAL_CONNECTIONS",
+    "WORKER_RESTARTS",
+]
+
+# The seed's names (SPEC section 6): unlabelled host totals, present from start.
+ACTIVE_CONNECTIONS = Gauge(
+    "active_connections", "Open WebSocket connections", multiprocess_mode="livesum"
+)
+TOTAL_CONNECTIONS = Gauge(
+    "total_connections", "WebSocket connections opened since start", multiprocess_mode="sum"
+)
+MESSAGES_SENT = Counter("messages_sent", "Frames sent to clients")
+MESSAGES_RECEIVED = Counter("messages_received", "Frames received from clients")
+ERRORS = Counter("errors", "Errors: error frames, rejected handshakes, abnormal closes")
+RATE_LIMIT_DENIED = Counter("rate_limit_denied", "Client frames denied by the rate limit")
+
+_WORKER = ("worker",)
+CONNECTIONS = Gauge("rtc_connections", "Open connections per worker", _WORKER, multiprocess_mode="livesum")
+ROOMS = Gauge("rtc_rooms", "Rooms with local members per worker", _WORKER, multiprocess_mode="livesum")
+JOINS = Counter("rtc_joins", "Room joins", _WORKER)
+FORWARDED = Counter("rtc_forwarded", "Publishes sent to another slot's owner over Redis", _WORKER)
+FANOUT_RECEIVED = Counter(
+    "rtc_fanout_received", "Sequenced messages received from Redis for local delivery", _WORKER
+)
+DELIVERIES = Counter("rtc_deliveries", "Sequenced frames written to local sockets", _WORKER)
+PUBLISH_TO_DELIVER = Histogram(
+    "rtc_publish_to_deliver_seconds",
+    "From a publish being accepted to its frame being written to local sockets",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+FANOUT_SIZE = Histogram(
+    "rtc_fanout_size",
+    "Local recipients of one sequenced message on one worker",
+    buckets=(1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000),
+)
+REDIS_SECONDS = Histogram(
+    "rtc_redis_command_seconds",
+    "Redis round trips by operation",
+    ("op",),
+    buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0),
+)
+REDIS_ERRORS = Counter("rtc_redis_errors", "Failed Redis operations", ("op",))
+REDIS_UP = Gauge("rtc_redis_up", "1 when the worker reaches Redis", _WORKER, multiprocess_mode="livemin")
+PUBSUB_RECONNECTS = Counter("rtc_pubsub_reconnects", "Pub/sub connection re-established", _WORKER)
+GAPS_FILLED = Counter("rtc_gaps_filled", "Seq holes filled from history before delivery", _WORKER)
+GAPS_REPORTED = Counter("rtc_gaps_reported", "Seq holes reported to clients as `gap`", _WORKER)
+DRAINS = Counter("rtc_drains", "Drains started (per worker)")
+MIGRATED = Counter("rtc_migrated_connections", "Connections closed by a drain", ("result",))
+SLOW_CONSUMERS = Counter("rtc_slow_consumer_disconnects", "Connections closed 1013", _WORKER)
+HANDSHAKE_REJECTED = Counter("rtc_handshake_rejected", "Upgrades refused", ("reason",))
+ERROR_FRAMES = Counter("rtc_errors", "Error frames sent, by code", ("code",))
+WORKER_RESTARTS = Counter("rtc_worker_restarts", "Workers replaced after dying")
+RING_SLOTS = Gauge("rtc_ring_slots", "Live slots in the ring", multiprocess_mode="livemax")

@@ -1,0 +1,208 @@
+"""A worker process: serves its slot's inherited listening socket until told to stop.
+
+Boot order: routing node (Redis reachable), HTTP site on the slot's socket, then the
+ring (at once on first boot; on a rolling restart only when the supervisor says the
+old worker of this slot has left). It reports `ready` on its pipe to the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import orjson
+import uvloop
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from rtc import keys, metrics
+from rtc.app import STATE, WorkerState, build_app
+from rtc.auth import Verifier
+from rtc.broker import SlotTaken
+from rtc.config import Settings
+from rtc.connection import Connection
+from rtc.errors import CloseCode
+from rtc.log import redact, setup_logging
+from rtc.node import Node
+from rtc.protocol import encode
+
+__all__ = ["EXIT_BOOT", "EXIT_CONFIG", "WorkerSpec", "run_worker"]
+
+log = logging.getLogger("rtc.worker")
+
+EXIT_CONFIG = 2  # a setting is wrong (duplicate --node-id): the supervisor exits 2
+EXIT_BOOT = 3  # the worker could not start (Redis unreachable, ...)
+_CLOSE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What the supervisor hands a forked worker."""
+
+    settings: Settings
+    index: int
+    sock: socket.socket
+    instance: str
+    join_ring_now: bool
+    report_fd: int
+
+
+class _AccessLogger(AbstractAccessLogger):
+    """Access log without secrets: the query string has `token=` redacted."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %.3fs', request.remote, request.method,
+            redact(request.path_qs), response.status, time,
+        )
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """The child's main: returns its exit status."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    setup_logging(spec.settings, worker=str(spec.index))
+    gc.freeze()  # the imported modules are long-lived: keep them out of GC passes
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_Worker(spec).run())
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.settings = spec.settings
+        self.label = str(spec.index)
+        self.slot = f"{self.settings.node_id}:{spec.index}"
+        self.stop = asyncio.Event()
+        self.join_ring = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.join_ring.set)
+        if self.spec.join_ring_now:
+            self.join_ring.set()
+        for family in (metrics.FORWARDED, metrics.FANOUT_RECEIVED, metrics.DELIVERIES,
+                       metrics.CONNECTIONS, metrics.ROOMS, metrics.JOINS, metrics.SLOW_CONSUMERS,
+                       metrics.PUBSUB_RECONNECTS, metrics.GAPS_FILLED, metrics.GAPS_REPORTED):
+            family.labels(self.label)
+        metrics.REDIS_UP.labels(self.label).set(1)
+
+        node = Node(self.settings, self.slot, self.spec.instance, self.label)
+        try:
+            await node.start()
+        except Exception as exc:
+            log.error("cannot reach Redis: %s", exc)
+            return EXIT_BOOT
+        state = WorkerState(self.settings, node, Verifier(self.settings, time.time), self.label)
+        node.on_control = lambda command: self._on_control(state, command)
+        app = build_app(state)
+        runner = web.AppRunner(app, handle_signals=False, access_log_class=_AccessLogger,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        await web.SockSite(runner, self.spec.sock).start()
+        try:
+            await self._enter_ring(node)
+        except SlotTaken:
+            log.error("slot %s is held by another live host: is --node-id %s used twice?",
+                      self.slot, self.settings.node_id)
+            await runner.cleanup()
+            await node.close()
+            return EXIT_CONFIG
+        node.spawn(node.maintain())
+        node.spawn(node.checkpoint_forever())
+        drain = await node.broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
+        if "active" in drain:
+            self._on_control(state, b"drain")
+        os.write(self.spec.report_fd, b"ready\n")
+        log.info("worker %s serving as slot %s", self.label, self.slot)
+
+        await self.stop.wait()
+        log.info("worker %s stopping", self.label)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(1.0, self.settings.shutdown_timeout - 2.0)):
+                await drain_connections(state, report=False)
+        await node.leave_ring()
+        await runner.cleanup()
+        await node.close()
+        return 0
+
+    async def _enter_ring(self, node: Node) -> None:
+        await node.heartbeat()
+        if not self.join_ring.is_set():
+            os.write(self.spec.report_fd, b"listening\n")
+            await self.join_ring.wait()
+        await node.join_ring()
+
+    def _on_control(self, state: WorkerState, command: bytes) -> None:
+        if command == b"drain" and state.drain_task is None:
+            state.drain_task = asyncio.get_running_loop().create_task(drain_connections(state))
+        elif command == b"undrain":
+            state.draining = False
+            state.drain_task = None
+
+
+async def drain_connections(state: WorkerState, *, report: bool = True) -> None:
+    """Migrate every connection: `migrating` status, session checkpoint, close 1001, paced."""
+    settings = state.settings
+    node = state.node
+    state.draining = True
+    metrics.DRAINS.inc()
+    started = time.monotonic()
+    migrated = failed = 0
+    pending = sorted(node.connections, key=lambda c: c.id)
+    key = keys.drain(settings.node_id, node.instance)
+    log.info("draining %d connections", len(pending))
+    while pending:
+        batch, pending = pending[: settings.drain_batch], pending[settings.drain_batch:]
+        for conn in batch:
+            conn.send(encode("status", status="migrating", details={
+                "new_endpoint": settings.public_url,
+                "reconnect_after": random.randint(100, 2000),
+                "session": conn.session,
+            }))
+            conn.closing = True  # nothing more is written: the checkpoint is exact
+        with contextlib.suppress(Exception):
+            await node.broker.save_sessions(node.checkpoints(batch, final=True), settings.session_ttl)
+        results = await asyncio.gather(*(_close(conn) for conn in batch))
+        migrated += sum(results)
+        failed += len(results) - sum(results)
+        if report:
+            await _report_drain(state, key, migrated, failed, started, done=not pending)
+        if pending:
+            await asyncio.sleep(settings.drain_interval)
+    metrics.MIGRATED.labels("migrated").inc(migrated)
+    metrics.MIGRATED.labels("failed").inc(failed)
+    if report:
+        await _report_drain(state, key, migrated, failed, started, done=True)
+    log.info("drain done: %d migrated, %d failed in %.2fs", migrated, failed,
+             time.monotonic() - started)
+
+
+async def _close(conn: Connection) -> bool:
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await conn.ws.close(code=CloseCode.GOING_AWAY, message=b"draining")
+        return True
+    except (TimeoutError, ConnectionError):
+        conn.transport.abort()
+        return False
+
+
+async def _report_drain(state: WorkerState, key: str, migrated: int, failed: int,
+                        started: float, *, done: bool) -> None:
+    report = {"migrated": migrated, "failed": failed, "done": done,
+              "seconds": round(time.monotonic() - started, 3)}
+    with contextlib.suppress(Exception):
+        await state.node.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()},
+                                           86400)
