@@ -1,0 +1,94 @@
+"""A protocol-aware WebSocket test client on aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tests.rtcproc import token as make_token
+
+
+class Client:
+    """One connection; frames are queued by a reader task so tests await what they expect."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession, user: str) -> None:
+        self.ws = ws
+        self.session = session
+        self.user = user
+        self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self.welcome: dict[str, Any] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, url: str, user: str, *, token: str | None = None, session: str | None = None,
+                      headers: dict[str, str] | None = None, **claims: Any) -> Client:
+        http = aiohttp.ClientSession()
+        params = {"token": token or make_token(user, **claims)}
+        if session:
+            params["session"] = session
+        try:
+            ws = await http.ws_connect(url, params=params, headers=headers, autoping=True,
+                                       max_msg_size=0)
+        except BaseException:
+            await http.close()
+            raise
+        client = cls(ws, http, user)
+        client.welcome = await client.expect("welcome")
+        return client
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                frame = orjson.loads(msg.data)
+                self.seen.append(frame)
+                await self.frames.put(frame)
+        self.close_code = self.ws.close_code
+        self.closed.set()
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send_str(orjson.dumps(frame).decode())
+
+    async def send_raw(self, text: str) -> None:
+        await self.ws.send_str(text)
+
+    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        return await asyncio.wait_for(self.frames.get(), timeout)
+
+    async def expect(self, kind: str, timeout: float = 5.0, **match: Any) -> dict[str, Any]:
+        """The next frame of `kind` (matching fields); other frames are skipped but kept in `seen`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.frames.get()
+                if frame.get("type") == kind and all(frame.get(k) == v for k, v in match.items()):
+                    return frame
+
+    async def request(self, kind: str, reply: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+        await self.send(type=kind, **fields)
+        return await self.expect(reply, timeout)
+
+    async def join(self, room: str, **fields: Any) -> dict[str, Any]:
+        return await self.request("join", "joined", room=room, **fields)
+
+    async def wait_messages(self, room: str, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Until `count` messages of `room` have arrived (counting those already seen)."""
+        async with asyncio.timeout(timeout):
+            while len(self.messages(room)) < count:
+                await self.frames.get()
+        return self.messages(room)
+
+    def messages(self, room: str) -> list[dict[str, Any]]:
+        return [f for f in self.seen if f.get("type") == "message" and f.get("room") == room]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self.session.close()

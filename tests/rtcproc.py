@@ -1,0 +1,202 @@
+"""Real processes for tests: redis-server and `rtc serve` hosts on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jwt
+
+SECRET = "rtc-test-secret-0123456789abcdef0123"
+RTC = [sys.executable, "-m", "rtc"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def token(user: str, ttl: int = 3600, **claims: object) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": user, "iat": now, "exp": now + ttl, **claims}, SECRET, "HS256")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll an external process's state (no event to await across processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+    dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], check=True,
+                              capture_output=True, text=True).stdout
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_redis(*extra: str) -> RedisServer:
+    port = free_port()
+    directory = Path(tempfile.mkdtemp(prefix="rtc-redis-"))
+    process = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--dir", str(directory), "--loglevel", "warning", *extra],
+        stdout=subprocess.DEVNULL,
+    )
+    server = RedisServer(port, process, directory)
+    wait_for(lambda: _redis_ping(port), 10, "redis-server")
+    return server
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class Host:
+    """One `rtc serve` supervisor with its workers."""
+
+    node_id: str
+    port: int
+    metrics_port: int
+    process: subprocess.Popen[bytes]
+    runtime_dir: Path
+    log_path: Path
+    host: str = "127.0.0.1"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws"
+
+    def get(self, path: str, headers: dict[str, str] | None = None, port: int | None = None) -> tuple[int, bytes]:
+        url = f"http://{self.host}:{port or self.port}{path}"
+        request = urllib.request.Request(url, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def request(self, method: str, path: str) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.http + path, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def healthy(self) -> bool:
+        try:
+            return self.get("/health")[0] == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        import psutil
+
+        return sorted(c.pid for c in psutil.Process(self.process.pid).children()
+                      if "redis" not in " ".join(c.cmdline()))
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_host(
+    node_id: str,
+    redis_url: str | None,
+    *,
+    workers: int = 2,
+    host: str = "127.0.0.1",
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Host:
+    port, metrics_port = free_port(host), free_port(host)
+    runtime = Path(tempfile.mkdtemp(prefix="rtc-"))
+    log_path = runtime.parent / (runtime.name + ".log")
+    command = [*RTC, "serve", "--host", host, "--port", str(port), "--metrics-port",
+               str(metrics_port), "--workers", str(workers), "--node-id", node_id,
+               "--runtime-dir", str(runtime), "--shutdown-timeout", "10", *args]
+    if redis_url:
+        command += ["--redis-url", redis_url]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RTC_", "NOTIFY_"))}
+    full_env.update({"JWT_SECRET": SECRET, **(env or {})})
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+    server = Host(node_id, port, metrics_port, process, runtime, log_path, host, env or {})
+    if wait:
+        try:
+            wait_for(lambda: server.healthy() or process.poll() is not None, 30, f"host {node_id}")
+        except TimeoutError:
+            server.stop()
+            raise
+        if process.poll() is not None:
+            raise RuntimeError(f"rtc serve exited {process.returncode}:\n{server.log()}")
+    return server
+
+
+@contextlib.contextmanager
+def hosts(*specs: tuple[str, str | None], **kwargs: object) -> Iterator[list[Host]]:
+    started: list[Host] = []
+    try:
+        for node_id, url in specs:
+            started.append(start_host(node_id, url, **kwargs))  # type: ignore[arg-type]
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+            shutil.rmtree(server.runtime_dir, ignore_errors=True)
