@@ -167,9 +167,13 @@ async def _publish_across_ring_change(first: Host, redis_url: str) -> None:
         owners_before = {r: _owner(first, r) for r in rooms}
         await burst()
         with hosts(("two", redis_url)) as (second,):
-            await asyncio.to_thread(wait_for, lambda: len(_slots(first)) == 4, 10, "ring of 4")
-            owners_during = {r: _owner(first, r) for r in rooms}
-            assert owners_during == {r: _owner(second, r) for r in rooms}
+            def settled() -> dict[str, str] | None:
+                """Every worker of both hosts answers with the same owners (views converge)."""
+                views = [{r: _owner(h, r) for r in rooms} for h in (first, second) for _ in range(4)]
+                same = all(v == views[0] for v in views) and len(_slots(first)) == 4
+                return views[0] if same else None
+
+            owners_during = await asyncio.to_thread(wait_for, settled, 10, "ring views to agree")
             moved = [r for r in rooms if owners_before[r] != owners_during[r]]
             assert moved and all(owners_during[r].startswith("two:") for r in moved)
             await burst()
