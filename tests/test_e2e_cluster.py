@@ -152,6 +152,17 @@ def _slots(host: Host) -> list[str]:
     return list(json.loads(host.get("/admin/ring")[1])["slots"])
 
 
+async def _settled_owners(cluster: list[Host], rooms: list[str], slots: int) -> dict[str, str]:
+    """The owners once every worker answers alike (ring views converge within a heartbeat)."""
+
+    def settled() -> dict[str, str] | None:
+        views = [{r: _owner(h, r) for r in rooms} for h in cluster for _ in range(4)]
+        same = all(v == views[0] for v in views) and len(_slots(cluster[0])) == slots
+        return views[0] if same else None
+
+    return await asyncio.to_thread(wait_for, settled, 10, "ring views to agree")
+
+
 async def _publish_across_ring_change(first: Host, redis_url: str) -> None:
     rooms = [f"room{i}" for i in range(12)]
     client = await Client.connect(first.ws, "writer", rate=1000)
@@ -164,16 +175,10 @@ async def _publish_across_ring_change(first: Host, redis_url: str) -> None:
             for room in rooms:
                 await client.send(type="publish", room=room, data=next(counter))
 
-        owners_before = {r: _owner(first, r) for r in rooms}
+        owners_before = await _settled_owners([first], rooms, 2)
         await burst()
         with hosts(("two", redis_url)) as (second,):
-            def settled() -> dict[str, str] | None:
-                """Every worker of both hosts answers with the same owners (views converge)."""
-                views = [{r: _owner(h, r) for r in rooms} for h in (first, second) for _ in range(4)]
-                same = all(v == views[0] for v in views) and len(_slots(first)) == 4
-                return views[0] if same else None
-
-            owners_during = await asyncio.to_thread(wait_for, settled, 10, "ring views to agree")
+            owners_during = await _settled_owners([first, second], rooms, 4)
             moved = [r for r in rooms if owners_before[r] != owners_during[r]]
             assert moved and all(owners_during[r].startswith("two:") for r in moved)
             await burst()
