@@ -58,10 +58,6 @@ class WorkerState:
     drain_task: asyncio.Task[None] | None = None
     per_ip: Counter[str] = field(default_factory=Counter)
 
-    @property
-    def local_slots(self) -> list[str]:
-        return [f"{self.settings.node_id}:{i}" for i in range(self.settings.workers)]
-
 
 STATE = web.AppKey("state", WorkerState)
 
@@ -173,7 +169,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise _reject(429, "per_ip", "too many connections from this address")
 
     ws = web.WebSocketResponse(
-        max_msg_size=settings.max_message_bytes,
+        max_msg_size=settings.max_message_bytes + 1,  # aiohttp refuses sizes >= its limit
         compress=False,
         heartbeat=settings.ws_heartbeat,
         autoclose=False,
@@ -346,7 +342,7 @@ def _send_error(conn: Connection, code: ErrorCode, message: str, request_id: Any
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    in_ring = set(state.local_slots) <= set(state.node.ring.slots)
+    in_ring = state.node.in_ring and set(state.settings.local_slots) <= set(state.node.ring.slots)
     redis_ok = await state.node.broker.ping()
     ok = in_ring and not state.draining
     status = "ok" if ok else ("draining" if state.draining else "starting")
@@ -490,7 +486,8 @@ async def demo_token(request: web.Request) -> web.Response:
 async def echo(request: web.Request) -> web.WebSocketResponse:
     """Autobahn conformance only: echo with the same limits and settings as `/ws`."""
     settings = request.app[STATE].settings
-    ws = web.WebSocketResponse(max_msg_size=settings.max_message_bytes, compress=False)
+    ws = web.WebSocketResponse(max_msg_size=settings.max_message_bytes + 1, compress=False,
+                               heartbeat=settings.ws_heartbeat)
     await ws.prepare(request)
     async for msg in ws:
         if msg.type is WSMsgType.TEXT:

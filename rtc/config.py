@@ -88,6 +88,11 @@ class Settings:
         """`/demo` mints tokens, so it is on only when asked or in embedded mode."""
         return self.embedded_redis if self.demo is None else self.demo
 
+    @property
+    def local_slots(self) -> tuple[str, ...]:
+        """This host's worker slot ids in the ring: `<node_id>:<index>`."""
+        return tuple(f"{self.node_id}:{i}" for i in range(self.workers))
+
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 

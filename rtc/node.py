@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -91,6 +92,7 @@ class Node:
         self._nobody: dict[int, Callable[[], None]] = {}
         self._next_rid = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flushes: set[asyncio.Task[None]] = set()  # sequencing and forwarding in flight
         self.on_control: Callable[[bytes], None] = lambda _: None
         self.broker = RedisBroker(_redis_url(settings), self, worker)
         self._fanout_received = metrics.FANOUT_RECEIVED.labels(worker)
@@ -123,21 +125,28 @@ class Node:
             metrics.RING_SLOTS.set(len(ring))
 
     async def leave_ring(self) -> None:
+        """Give up the slot, then finish what was already forwarded to it."""
         self.in_ring = False
         with contextlib.suppress(Exception):
             await self.broker.unsubscribe(self._inbox_channel.decode())
             await self.broker.leave_ring(self.slot)
+        deadline = time.monotonic() + FORWARD_TIMEOUT
+        while self._flushes and time.monotonic() < deadline:  # a batch's replies flush after it
+            await asyncio.wait(set(self._flushes), timeout=deadline - time.monotonic())
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await self.broker.close()
 
-    def spawn(self, coro: object) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], *, flush: bool = False) -> None:
         """Run a background task that is kept referenced and cancelled on close."""
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if flush:
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
 
     async def maintain(self) -> None:
         """Every second: ring heartbeat, expired forwards, idle rooms; every 5 s membership."""
@@ -292,7 +301,7 @@ class Node:
         batch = self._batches.get(room)
         if batch is None:
             self._batches[room] = [(item, reply)]
-            self.spawn(self._flush_batches(room))
+            self.spawn(self._flush_batches(room), flush=True)
         else:
             batch.append((item, reply))
 
@@ -323,7 +332,7 @@ class Node:
             self._nobody[len(self._outbox) - 1] = on_nobody
         if not self._outbox_scheduled:
             self._outbox_scheduled = True
-            self.spawn(self._flush_outbox())
+            self.spawn(self._flush_outbox(), flush=True)
 
     async def _flush_outbox(self) -> None:
         await asyncio.sleep(0)

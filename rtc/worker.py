@@ -143,6 +143,9 @@ class _Worker:
             os.write(self.spec.report_fd, b"listening\n")
             await self.join_ring.wait()
         await node.join_ring()
+        while not set(self.settings.local_slots) <= set(node.ring.slots):
+            await asyncio.sleep(0.05)  # siblings still booting: ready means they are in our view
+            await node.heartbeat()
 
     def _on_control(self, state: WorkerState, command: bytes) -> None:
         if command == b"drain" and state.drain_task is None:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.rtcproc import Host, RedisServer, hosts, start_redis
+from tests.rtcproc import Host, RedisServer, hosts, settle_ring, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,7 @@ def cluster() -> Iterator[list[Host]]:
     redis = start_redis()
     try:
         with hosts(("alpha", redis.url), ("beta", redis.url)) as started:
+            settle_ring(started)
             yield started
     finally:
         redis.stop()

@@ -99,6 +99,7 @@ class Host:
     runtime_dir: Path
     log_path: Path
     host: str = "127.0.0.1"
+    workers: int = 2
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -177,7 +178,7 @@ def start_host(
     full_env.update({"JWT_SECRET": SECRET, **(env or {})})
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
-    server = Host(node_id, port, metrics_port, process, runtime, log_path, host, env or {})
+    server = Host(node_id, port, metrics_port, process, runtime, log_path, host, workers, env or {})
     if wait:
         try:
             wait_for(lambda: server.healthy() or process.poll() is not None, 30, f"host {node_id}")
@@ -200,3 +201,16 @@ def hosts(*specs: tuple[str, str | None], **kwargs: object) -> Iterator[list[Hos
         for server in started:
             server.stop()
             shutil.rmtree(server.runtime_dir, ignore_errors=True)
+
+
+def ring_view(host: Host) -> list[str]:
+    import json
+
+    return list(json.loads(host.get("/admin/ring")[1])["slots"])
+
+
+def settle_ring(cluster: Sequence[Host], timeout: float = 10) -> None:
+    """Wait until every worker of every host sees every slot (heartbeats are 1 s apart)."""
+    expected = sorted(f"{h.node_id}:{i}" for h in cluster for i in range(h.workers))
+    wait_for(lambda: all(ring_view(h) == expected for h in cluster for _ in range(6)), timeout,
+             "ring views to converge")

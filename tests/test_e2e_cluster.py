@@ -17,6 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 MEMBERS = 40
 PUBLISHERS = 4
 PER_PUBLISHER = 25
+FAST = ("--rate", "1000", "--rate-burst", "1000")  # the test sends faster than a person
 
 
 def worker_connections(host: Host) -> dict[str, int]:
@@ -50,7 +51,10 @@ async def test_room_messages_reach_every_member_once_in_one_order(cluster: list[
         total = PUBLISHERS * PER_PUBLISHER
         base = None
         for client in clients:
-            await client.wait_messages("lobby", total, timeout=20)
+            try:
+                await client.wait_messages("lobby", total, timeout=20)
+            except TimeoutError:
+                raise AssertionError([(f["type"], f.get("seq"), f.get("code")) for f in client.seen if f["type"] != "presence"]) from None
             seqs = [m["seq"] for m in client.messages("lobby")]
             base = seqs[0] if base is None else base
             assert seqs == list(range(base, base + total)), "gap, duplicate or reorder"
@@ -138,7 +142,7 @@ def test_seq_continues_when_the_ring_changes() -> None:
     """A host joins mid-stream: ownership moves for some rooms, no seq restarts or repeats."""
     redis = start_redis()
     try:
-        with hosts(("one", redis.url)) as (first,):
+        with hosts(("one", redis.url), args=FAST) as (first,):
             asyncio.run(_publish_across_ring_change(first, redis.url))
     finally:
         redis.stop()
@@ -165,7 +169,7 @@ async def _settled_owners(cluster: list[Host], rooms: list[str], slots: int) -> 
 
 async def _publish_across_ring_change(first: Host, redis_url: str) -> None:
     rooms = [f"room{i}" for i in range(12)]
-    client = await Client.connect(first.ws, "writer", rate=1000)
+    client = await Client.connect(first.ws, "writer")
     try:
         for room in rooms:
             await client.join(room)
@@ -177,14 +181,17 @@ async def _publish_across_ring_change(first: Host, redis_url: str) -> None:
 
         owners_before = await _settled_owners([first], rooms, 2)
         await burst()
-        with hosts(("two", redis_url)) as (second,):
+        with hosts(("two", redis_url), args=FAST) as (second,):
             owners_during = await _settled_owners([first, second], rooms, 4)
             moved = [r for r in rooms if owners_before[r] != owners_during[r]]
             assert moved and all(owners_during[r].startswith("two:") for r in moved)
             await burst()
         await burst()
         for room in rooms:
-            await client.wait_messages(room, 3, timeout=15)
+            try:
+                await client.wait_messages(room, 3, timeout=15)
+            except TimeoutError:
+                raise AssertionError([f for f in client.seen if f["type"] not in ("presence",)][-40:]) from None
         for room in rooms:
             assert [m["seq"] for m in client.messages(room)] == [1, 2, 3]
     finally:

@@ -67,6 +67,7 @@ class RedisBroker:
         self._pubsub = self._redis.pubsub()
         self._confirmed: set[bytes] = set()
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._leaving: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._last_heard = time.monotonic()
         self._scripts = {
@@ -138,11 +139,15 @@ class RedisBroker:
         await asyncio.wait_for(asyncio.shield(waiter), _TIMEOUT)
 
     async def unsubscribe(self, channel: str) -> None:
+        """Unsubscribe and wait for Redis to confirm: nothing more arrives on `channel`."""
         name = channel.encode()
         self._waiters.pop(name, None)
         self._confirmed.discard(name)
+        waiter = self._leaving[name] = asyncio.get_running_loop().create_future()
         with _Timed("subscribe"):
             await self._pubsub.unsubscribe(name)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, _TIMEOUT)
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
         """PUBLISH in order over one connection; returns each message's receiver count."""
@@ -194,6 +199,10 @@ class RedisBroker:
                 self._handler.on_resubscribed(channel)
             self._confirmed.add(channel)
             waiter = self._waiters.get(channel)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif kind == "unsubscribe":
+            waiter = self._leaving.pop(message["channel"], None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 

@@ -1,0 +1,274 @@
+"""The demo and dashboard pages in a real browser (Playwright with Debian's chromium).
+
+Two hosts of one cluster serve ``/demo``: a message typed on one host's page appears on
+the other's, and both pages list both users. A host's ``/dashboard`` follows its
+``active_connections`` as WebSocket clients come and go. Screenshots land in
+``tests/artifacts/`` (git-ignored); their paths are printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+try:
+    from playwright.async_api import (
+        Browser,
+        ConsoleMessage,
+        Page,
+        async_playwright,
+        expect,
+    )
+except ImportError:  # pragma: no cover - depends on the machine
+    if os.environ.get("CI"):
+        raise
+    pytest.skip(
+        "playwright is not installed (pip install playwright)", allow_module_level=True
+    )
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Presence and fan-out cross Redis and two hosts: allow more than Playwright's 5 s default.
+expect.set_options(timeout=15_000)
+
+
+@pytest.fixture
+def two_hosts() -> list[str]:
+    """Base URLs of two rtc hosts of one cluster, e.g. ``["http://127.0.0.1:8081", ...]``.
+
+    Placeholder: replace with fixtures that start two real hosts (``rtc serve --demo``,
+    distinct ``--node-id``, one shared Redis). For a manual run against hosts that are
+    already up, set ``RTC_BROWSER_HOSTS=http://127.0.0.1:8081,http://127.0.0.1:8082``.
+    """
+    hosts = [
+        h.strip().rstrip("/")
+        for h in os.environ.get("RTC_BROWSER_HOSTS", "").split(",")
+        if h.strip()
+    ]
+    if len(hosts) >= 2:
+        return hosts[:2]
+    raise NotImplementedError(
+        "two_hosts must return the base URLs of two running rtc hosts sharing one Redis, "
+        "each serving /demo (--demo); wire it to real servers (or set RTC_BROWSER_HOSTS)"
+    )
+
+
+@pytest.fixture
+def admin_token() -> str | None:
+    """Token for /dashboard; None relies on the loopback exemption (no proxy headers)."""
+    return os.environ.get("RTC_BROWSER_ADMIN_TOKEN") or None
+
+
+def chromium_path() -> str:
+    path = (
+        os.environ.get("RTC_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(
+            "no chromium on PATH (apt-get install chromium, or set RTC_CHROMIUM)"
+        )
+    pytest.skip("no chromium on PATH (apt-get install chromium, or set RTC_CHROMIUM)")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    executable = chromium_path()
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+class PageErrors:
+    """Collects uncaught exceptions and console errors of the pages it watches."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def watch(self, page: Page, name: str) -> Page:
+        page.on("pageerror", lambda exc: self.errors.append(f"{name}: {exc}"))
+
+        def console(msg: ConsoleMessage) -> None:
+            if msg.type == "error":
+                self.errors.append(f"{name}: console: {msg.text}")
+
+        page.on("console", console)
+        return page
+
+
+async def screenshot(page: Page, artifacts: Path, name: str) -> Path:
+    path = artifacts / f"{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+async def test_demo_chat_between_two_hosts(
+    two_hosts: list[str], browser: Browser, artifacts: Path
+) -> None:
+    room = f"browser-{uuid.uuid4().hex[:8]}"
+    errors = PageErrors()
+    context = await browser.new_context(viewport={"width": 1200, "height": 760})
+    try:
+        alice = errors.watch(await context.new_page(), "alice")
+        bob = errors.watch(await context.new_page(), "bob")
+
+        await alice.goto(f"{two_hosts[0]}/demo?name=alice&room={room}&autoconnect=1")
+        await expect(alice.locator("#status")).to_have_attribute("data-state", "open")
+        await expect(alice.locator("#status")).to_contain_text("connected")
+        await expect(alice.locator("#members .member")).to_have_text(["alice"])
+
+        await bob.goto(f"{two_hosts[1]}/demo?name=bob&room={room}&autoconnect=1")
+        await expect(bob.locator("#status")).to_have_attribute("data-state", "open")
+        await expect(bob.locator("#status")).to_contain_text("connected")
+
+        # Presence: bob from the members reply; alice from bob's presence join event.
+        for page in (alice, bob):
+            await expect(page.locator("#members .member")).to_have_text(
+                ["alice", "bob"]
+            )
+        node_a = await alice.locator("#s-node").inner_text()
+        node_b = await bob.locator("#s-node").inner_text()
+        assert node_a != node_b, (
+            f"both pages reached node {node_a!r}: the hosts are not distinct"
+        )
+
+        hello = f"hello bob, this is alice on {node_a} ({uuid.uuid4().hex[:6]})"
+        await alice.locator("#message").fill(hello)
+        await alice.locator("#send").click()
+        await expect(
+            bob.locator("#messages .msg").filter(has_text=hello)
+        ).to_have_count(1)
+        await expect(
+            alice.locator("#messages .msg").filter(has_text=hello)
+        ).to_have_count(1)
+
+        reply = f"hi alice, bob here on {node_b} ({uuid.uuid4().hex[:6]})"
+        await bob.locator("#message").fill(reply)
+        await bob.locator("#message").press("Enter")
+        await expect(
+            alice.locator("#messages .msg").filter(has_text=reply)
+        ).to_have_count(1)
+
+        # Both pages saw the same two messages in the same order, with the same seqs.
+        seqs_a = await alice.locator("#messages .msg").evaluate_all(
+            "els => els.map(e => e.dataset.seq)"
+        )
+        seqs_b = await bob.locator("#messages .msg").evaluate_all(
+            "els => els.map(e => e.dataset.seq)"
+        )
+        assert seqs_a == seqs_b and len(seqs_a) == 2, (seqs_a, seqs_b)
+
+        await screenshot(alice, artifacts, "demo-alice")
+        await screenshot(bob, artifacts, "demo-bob")
+        assert not errors.errors, errors.errors
+    finally:
+        await context.close()
+
+
+async def connect_clients(
+    session: aiohttp.ClientSession, base: str, n: int
+) -> list[aiohttp.ClientWebSocketResponse]:
+    ws_base = "ws" + base.removeprefix("http")
+    clients = []
+    for i in range(n):
+        async with session.post(
+            f"{base}/demo/token", json={"user": f"dash-{i}"}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            token = (await resp.json())["token"]
+        ws = await session.ws_connect(f"{ws_base}/ws?token={token}")
+        clients.append(ws)
+        welcome: dict[str, Any] = await ws.receive_json(timeout=10)
+        assert welcome["type"] == "welcome", welcome
+    return clients
+
+
+async def settled_number(
+    page: Page, selector: str, quiet: float = 2.5, timeout: float = 30
+) -> int:
+    """The number shown at selector once it has not changed for ``quiet`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    value, since = None, loop.time()
+    while loop.time() < deadline:
+        text = (await page.locator(selector).inner_text()).strip()
+        current = int(text) if text.isdigit() else None
+        if current != value:
+            value, since = current, loop.time()
+        elif value is not None and loop.time() - since >= quiet:
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{selector} did not settle (last {value!r})")
+
+
+async def wait_number(page: Page, selector: str, predicate: str, n: int) -> None:
+    await page.wait_for_function(
+        f"([sel, n]) => {{ const v = Number(document.querySelector(sel).textContent); return v {predicate} n; }}",
+        arg=[selector, n],
+        timeout=15_000,
+    )
+
+
+async def test_dashboard_follows_connections(
+    two_hosts: list[str], admin_token: str | None, browser: Browser, artifacts: Path
+) -> None:
+    base = two_hosts[0]
+    errors = PageErrors()
+    page = errors.watch(
+        await browser.new_page(viewport={"width": 1200, "height": 800}), "dashboard"
+    )
+    query = f"?token={admin_token}" if admin_token else ""
+    resp = await page.goto(f"{base}/dashboard{query}")
+    assert resp is not None and resp.status == 200, resp and resp.status
+
+    await expect(page.locator("#workers .worker").first).to_be_visible()
+    await expect(page.locator("#ring .slot").first).to_be_visible()
+    before = await settled_number(page, "#active-connections")
+    total_before = int(await page.locator("#total-connections").inner_text())
+
+    extra = 3
+    async with aiohttp.ClientSession() as session:
+        clients = await connect_clients(session, base, extra)
+        try:
+            await expect(page.locator("#active-connections")).to_have_text(
+                str(before + extra)
+            )
+            await wait_number(page, "#total-connections", ">=", total_before + extra)
+            await screenshot(page, artifacts, "dashboard-connected")
+        finally:
+            for ws in clients:
+                await ws.close()
+    await expect(page.locator("#active-connections")).to_have_text(str(before))
+    await screenshot(page, artifacts, "dashboard-after")
+    try:
+        assert not errors.errors, errors.errors
+    finally:
+        await page.close()
