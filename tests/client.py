@@ -76,12 +76,21 @@ class Client:
     async def join(self, room: str, **fields: Any) -> dict[str, Any]:
         return await self.request("join", "joined", room=room, **fields)
 
+    async def wait_frames(self, kind: str, count: int, timeout: float = 10.0, **match: Any) -> list[dict[str, Any]]:
+        """Until `count` frames of `kind` (matching fields) have arrived, counting those seen."""
+
+        def found() -> list[dict[str, Any]]:
+            return [f for f in self.seen if f.get("type") == kind
+                    and all(f.get(k) == v for k, v in match.items())]
+
+        async with asyncio.timeout(timeout):
+            while len(found()) < count:
+                await self.frames.get()
+        return found()
+
     async def wait_messages(self, room: str, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Until `count` messages of `room` have arrived (counting those already seen)."""
-        async with asyncio.timeout(timeout):
-            while len(self.messages(room)) < count:
-                await self.frames.get()
-        return self.messages(room)
+        return await self.wait_frames("message", count, timeout, room=room)
 
     def messages(self, room: str) -> list[dict[str, Any]]:
         return [f for f in self.seen if f.get("type") == "message" and f.get("room") == room]

@@ -63,7 +63,7 @@ async def test_room_messages_reach_every_member_once_in_one_order(cluster: list[
         (order,) = orders
         for index in range(PUBLISHERS):  # one connection's publishes keep their order
             assert [n for p, n in order if p == index] == list(range(PER_PUBLISHER))
-        acks = [f for c in publishers for f in c.seen if f["type"] == "ack"]
+        acks = [a for c in publishers for a in await c.wait_frames("ack", PER_PUBLISHER)]
         assert len(acks) == total and {a["seq"] for a in acks} == set(range(base, base + total))
 
         # every worker delivered; forwarding happened between slots
