@@ -101,3 +101,100 @@ class Client:
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
         await self.session.close()
+
+
+class ResumingClient:
+    """A member that follows the protocol's recovery rules, as a real client library would.
+
+    On `migrating` or any close it reconnects (to the next URL, or `new_endpoint`) with its
+    session; it de-duplicates by seq and records every seq it delivered per room, and every
+    `gap` the server reported.
+    """
+
+    def __init__(self, urls: list[str], user: str, rooms: list[str]) -> None:
+        self.urls = urls
+        self.user = user
+        self.rooms = rooms
+        self.seqs: dict[str, list[int]] = {room: [] for room in rooms}
+        self.gaps: list[dict[str, Any]] = []
+        self.close_codes: list[int | None] = []
+        self.migrations = 0
+        self.reconnects = 0
+        self.session: str | None = None
+        self.welcomes: list[dict[str, Any]] = []
+        self._url_index = 0
+        self._stop = asyncio.Event()
+        self._joined = asyncio.Event()
+        self._joined_rooms: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._joined.wait(), 10)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 15)
+
+    def delivered(self, room: str) -> set[int]:
+        return set(self.seqs[room])
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            url = self.urls[self._url_index % len(self.urls)]
+            try:
+                client = await Client.connect(url, self.user, session=self.session)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                await asyncio.sleep(0.05)  # the host refused: try again, as a client library would
+                self._url_index += 1
+                continue
+            self.welcomes.append(client.welcome)
+            if self.session is not None:
+                self.reconnects += 1
+            self.session = client.welcome["session"]
+            if not client.welcome["resumed"]:
+                for room in self.rooms:
+                    last = self.seqs[room][-1] if self.seqs[room] else None
+                    await client.send(type="join", room=room, **({"since": last} if last else {}))
+            await self._consume(client)
+            await client.close()
+
+    async def _consume(self, client: Client) -> None:
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            while True:
+                getter = asyncio.create_task(client.frames.get())
+                closed = asyncio.create_task(client.closed.wait())
+                done, _ = await asyncio.wait({getter, closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    closed.cancel()
+                    if client.closed.is_set():
+                        while not client.frames.empty():
+                            self._on_frame(client.frames.get_nowait())
+                        self.close_codes.append(client.close_code)
+                        self._url_index += 1
+                    return
+                closed.cancel()
+                if self._on_frame(getter.result()):
+                    self._url_index += 1
+        finally:
+            stop.cancel()
+
+    def _on_frame(self, frame: dict[str, Any]) -> bool:
+        kind = frame["type"]
+        if kind == "joined" and frame["room"] in self.seqs:
+            self._joined_rooms.add(frame["room"])
+            if self._joined_rooms == set(self.rooms):
+                self._joined.set()
+        elif kind == "message" and frame["room"] in self.seqs:
+            seen = self.seqs[frame["room"]]
+            if not seen or frame["seq"] > seen[-1]:
+                seen.append(frame["seq"])
+        elif kind == "gap":
+            self.gaps.append(frame)
+        elif kind == "status" and frame.get("status") == "migrating":
+            self.migrations += 1
+            return True
+        return False
