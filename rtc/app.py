@@ -19,7 +19,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from rtc import hostmetrics, keys, metrics
-from rtc.auth import Principal, Verifier, mint, token_from_request
+from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_request
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
@@ -44,6 +44,7 @@ __all__ = ["STATE", "WorkerState", "build_app", "client_address", "drain_report"
 log = logging.getLogger("rtc.app")
 
 _FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+_WELCOMED = "rtc.welcomed"
 
 
 @dataclass(slots=True)
@@ -55,6 +56,7 @@ class WorkerState:
     verifier: Verifier
     worker: str
     draining: bool = False
+    opening: int = 0  # upgrades accepted whose `welcome` is not sent yet
     drain_task: asyncio.Task[None] | None = None
     per_ip: Counter[str] = field(default_factory=Counter)
 
@@ -168,6 +170,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if settings.max_connections_per_ip and state.per_ip[address] >= settings.max_connections_per_ip:
         raise _reject(429, "per_ip", "too many connections from this address")
 
+    state.opening += 1
+    try:
+        return await _upgrade(request, state, principal, address)
+    finally:
+        if not request.get(_WELCOMED):
+            state.opening -= 1
+
+
+async def _upgrade(request: web.Request, state: WorkerState, principal: Principal,
+                   address: str) -> web.WebSocketResponse:
+    settings = state.settings
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_message_bytes + 1,  # aiohttp refuses sizes >= its limit
         compress=False,
@@ -189,6 +202,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     expiry = _ExpiryTimer(conn)
     try:
         resumed = await _open_session(state, conn, request.query.get("session"))
+        request[_WELCOMED] = conn.welcomed = True  # from here on a drain migrates it
+        state.opening -= 1
         if resumed is not None:
             for room, since, epoch in resumed:
                 await _run(state, conn, Join(room, since, epoch))
@@ -237,7 +252,8 @@ class _ExpiryTimer:
         self._handle = asyncio.get_running_loop().call_later(self._remaining(), self._check)
 
     def _remaining(self) -> float:
-        return max(0.0, self._conn.principal.exp - time.time())
+        # The same leeway as verification: a token accepted within it is not cut at once.
+        return max(0.0, self._conn.principal.exp + LEEWAY_SECONDS - time.time())
 
     def _check(self) -> None:
         remaining = self._remaining()
@@ -252,18 +268,20 @@ class _ExpiryTimer:
 
 async def _serve(state: WorkerState, conn: Connection) -> None:
     ws = conn.ws
-    async for msg in ws:
+    while True:
+        msg = await ws.receive()
         if msg.type is WSMsgType.TEXT:
             await _handle(state, conn, msg.data)
         elif msg.type is WSMsgType.BINARY:
             _send_error(conn, ErrorCode.BAD_REQUEST, "binary frames are not supported")
         elif msg.type is WSMsgType.CLOSE:
             # Orderly close: checkpoint first, so the client may resume elsewhere at once.
+            conn.closing = True
             await _final_checkpoint(state, [conn])
             await ws.close()
-            break
-        elif msg.type is WSMsgType.ERROR:
-            break
+            return
+        else:  # CLOSING (our own close), CLOSED, ERROR (e.g. 1009 already sent)
+            return
 
 
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
@@ -389,9 +407,9 @@ async def admin_drain(request: web.Request) -> web.Response:
     key = keys.drain(state.settings.node_id, node.instance)
     control = keys.host_control(state.settings.node_id)
     if request.method == "POST":
+        active = hostmetrics.snapshot()["active_connections"]  # before any is closed
         await node.broker.set_fields(key, {"active": str(time.time())}, 86400)
         await node.broker.publish_many([(control, b"drain")])
-        active = hostmetrics.snapshot()["active_connections"]
         return web.json_response({"draining": active}, status=202, dumps=_dumps)
     if request.method == "DELETE":
         await node.broker.delete(key)

@@ -12,7 +12,7 @@ import jwt
 from rtc.config import HMAC_ALGORITHMS, Settings
 from rtc.errors import AuthError
 
-__all__ = ["Principal", "Verifier", "mint", "token_from_request"]
+__all__ = ["LEEWAY_SECONDS", "Principal", "Verifier", "mint", "token_from_request"]
 
 LEEWAY_SECONDS = 30
 

@@ -47,6 +47,7 @@ class Connection:
         "rooms",
         "session",
         "transport",
+        "welcomed",
         "ws",
         "_limit",
         "_worker",
@@ -77,6 +78,7 @@ class Connection:
         # Last seq checkpointed per room, for resume.
         self.cursors: dict[str, int] = {}
         self.closing = False
+        self.welcomed = False
         self._limit = send_queue_bytes
         self._worker = worker
 

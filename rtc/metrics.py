@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from rtc.errors import ErrorCode
+
 __all__ = [
     "ACTIVE_CONNECTIONS",
+    "declare_label_values",
     "CONNECTIONS",
     "DELIVERIES",
     "DRAINS",
@@ -88,3 +91,20 @@ HANDSHAKE_REJECTED = Counter("rtc_handshake_rejected", "Upgrades refused", ("rea
 ERROR_FRAMES = Counter("rtc_errors", "Error frames sent, by code", ("code",))
 WORKER_RESTARTS = Counter("rtc_worker_restarts", "Workers replaced after dying")
 RING_SLOTS = Gauge("rtc_ring_slots", "Live slots in the ring", multiprocess_mode="livemax")
+
+HANDSHAKE_REASONS = ("draining", "full", "origin", "auth", "per_ip")
+REDIS_OPS = ("ping", "heartbeat", "subscribe", "publish", "open_room", "sequence", "history",
+             "membership", "session")
+
+
+def declare_label_values() -> None:
+    """Create every child of the closed label vocabularies, so they are scraped from start
+    (a labelled metric with no children is absent, and dashboards would show no data)."""
+    for code in ErrorCode:
+        ERROR_FRAMES.labels(code.value)
+    for reason in HANDSHAKE_REASONS:
+        HANDSHAKE_REJECTED.labels(reason)
+    for result in ("migrated", "failed"):
+        MIGRATED.labels(result)
+    for op in REDIS_OPS:
+        REDIS_ERRORS.labels(op)

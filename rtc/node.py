@@ -223,9 +223,13 @@ class Node:
                     recovered = False
         conn.send(encode("joined", cmd.id, room=room.name, seq=last, epoch=room.epoch,
                          recovered=recovered))
-        conn.cursors[room.name] = last
         for _, frame in replay:
             conn.send(frame)
+        # The session knows the room at once; the checkpoint advances once this is sent.
+        conn.cursors[room.name] = cmd.since if cmd.since is not None and recovered else last
+        await self.broker.save_sessions(
+            {conn.session: {f"r:{room.name}": f"{conn.cursors[room.name]}:{room.epoch}"}},
+            self.settings.session_ttl)
 
     async def leave(self, conn: Connection, name: str, request_id: RequestId) -> None:
         if name not in conn.rooms or name == inbox(conn.user):

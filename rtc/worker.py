@@ -97,6 +97,7 @@ class _Worker:
                        metrics.PUBSUB_RECONNECTS, metrics.GAPS_FILLED, metrics.GAPS_REPORTED):
             family.labels(self.label)
         metrics.REDIS_UP.labels(self.label).set(1)
+        metrics.declare_label_values()
 
         node = Node(self.settings, self.slot, self.spec.instance, self.label)
         try:
@@ -110,7 +111,8 @@ class _Worker:
         runner = web.AppRunner(app, handle_signals=False, access_log_class=_AccessLogger,
                                shutdown_timeout=1.0)
         await runner.setup()
-        await web.SockSite(runner, self.spec.sock).start()
+        site = web.SockSite(runner, self.spec.sock)
+        await site.start()
         try:
             await self._enter_ring(node)
         except SlotTaken:
@@ -129,9 +131,12 @@ class _Worker:
 
         await self.stop.wait()
         log.info("worker %s stopping", self.label)
+        # Stop accepting first: the slot's socket stays open in the supervisor (and in a
+        # replacement), so connections keep queueing there instead of being refused.
+        await site.stop()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(1.0, self.settings.shutdown_timeout - 2.0)):
-                await drain_connections(state, report=False)
+                await drain_connections(state, report=False, refuse_upgrades=False)
         await node.leave_ring()
         await runner.cleanup()
         await node.close()
@@ -155,19 +160,31 @@ class _Worker:
             state.drain_task = None
 
 
-async def drain_connections(state: WorkerState, *, report: bool = True) -> None:
-    """Migrate every connection: `migrating` status, session checkpoint, close 1001, paced."""
+async def drain_connections(
+    state: WorkerState, *, report: bool = True, refuse_upgrades: bool = True
+) -> None:
+    """Migrate every connection: `migrating` status, session checkpoint, close 1001, paced.
+
+    A host drain also refuses new upgrades (503); a worker that stops for a rolling
+    restart has stopped listening instead, and migrates the upgrades still in flight too.
+    """
     settings = state.settings
     node = state.node
-    state.draining = True
+    state.draining = state.draining or refuse_upgrades
     metrics.DRAINS.inc()
     started = time.monotonic()
     migrated = failed = 0
-    pending = sorted(node.connections, key=lambda c: c.id)
     key = keys.drain(settings.node_id, node.instance)
-    log.info("draining %d connections", len(pending))
-    while pending:
-        batch, pending = pending[: settings.drain_batch], pending[settings.drain_batch:]
+    log.info("draining %d connections", len(node.connections))
+    while True:
+        pending = sorted((c for c in node.connections if c.welcomed and not c.closing),
+                         key=lambda c: c.id)
+        if not pending:
+            if not state.opening:
+                break
+            await asyncio.sleep(0.01)  # upgrades in flight: migrate them once greeted
+            continue
+        batch = pending[: settings.drain_batch]
         for conn in batch:
             conn.send(encode("status", status="migrating", details={
                 "new_endpoint": settings.public_url,
@@ -181,8 +198,8 @@ async def drain_connections(state: WorkerState, *, report: bool = True) -> None:
         migrated += sum(results)
         failed += len(results) - sum(results)
         if report:
-            await _report_drain(state, key, migrated, failed, started, done=not pending)
-        if pending:
+            await _report_drain(state, key, migrated, failed, started, done=False)
+        if len(pending) > len(batch):
             await asyncio.sleep(settings.drain_interval)
     metrics.MIGRATED.labels("migrated").inc(migrated)
     metrics.MIGRATED.labels("failed").inc(failed)

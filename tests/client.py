@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import aiohttp
@@ -198,3 +199,91 @@ class ResumingClient:
             self.migrations += 1
             return True
         return False
+
+
+class ResilientPublisher:
+    """Publishes `1, 2, 3, ...` to a room at a steady pace, as a careful client library would.
+
+    It reconnects with its session when its socket is migrated or dropped, and re-sends every
+    publish not acked yet with the same `id` (the server de-duplicates per session and id),
+    so each value is sequenced exactly once. `acked` maps value -> seq.
+    """
+
+    def __init__(self, urls: list[str], room: str, interval: float = 0.01, user: str = "publisher") -> None:
+        self.urls, self.room, self.interval, self.user = urls, room, interval, user
+        self.acked: dict[int, int] = {}
+        self.errors: list[dict[str, Any]] = []
+        self.reconnects = 0
+        self._pending: dict[int, float] = {}
+        self._next = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._session: str | None = None
+        self._url_index = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """Stop publishing, wait until everything sent is acked; returns the last seq."""
+        self._stop.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, timeout)
+        assert not self._pending, f"never acked: {sorted(self._pending)[:10]}"
+        return max(self.acked.values())
+
+    async def _run(self) -> None:
+        while True:
+            url = self.urls[self._url_index % len(self.urls)]
+            try:
+                client = await Client.connect(url, self.user, session=self._session)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                self._url_index += 1
+                await asyncio.sleep(0.05)
+                continue
+            if self._session is not None:
+                self.reconnects += 1
+            self._session = client.welcome["session"]
+            try:
+                if not client.welcome["resumed"]:
+                    await client.send(type="join", room=self.room)
+                await client.expect("joined", room=self.room)
+                for value in sorted(self._pending):  # re-send what was never acked
+                    await client.send(type="publish", room=self.room, data=value, id=value)
+                if await self._publish(client):
+                    return
+            except (aiohttp.ClientError, ConnectionError, TimeoutError):
+                pass
+            finally:
+                await client.close()
+            self._url_index += 1
+
+    async def _publish(self, client: Client) -> bool:
+        """Publish until stopped (True) or the socket goes away (False)."""
+        while not client.closed.is_set():
+            while not client.frames.empty():
+                self._on_frame(client.frames.get_nowait())
+            if self._stop.is_set():
+                if not self._pending:
+                    return True
+            else:
+                self._next += 1
+                self._pending[self._next] = time.monotonic()
+                await client.send(type="publish", room=self.room, data=self._next, id=self._next)
+            for value, sent in list(self._pending.items()):
+                if time.monotonic() - sent > 3.0:  # `unavailable` or lost: retry, same id
+                    self._pending[value] = time.monotonic()
+                    await client.send(type="publish", room=self.room, data=value, id=value)
+            await asyncio.sleep(self.interval)
+        while not client.frames.empty():
+            self._on_frame(client.frames.get_nowait())
+        return False
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        if frame["type"] == "ack" and frame.get("room") == self.room:
+            value = frame["id"]
+            self._pending.pop(value, None)
+            previous = self.acked.setdefault(value, frame["seq"])
+            assert previous == frame["seq"], f"value {value} sequenced twice"
+        elif frame["type"] == "error":
+            self.errors.append(frame)

@@ -140,7 +140,7 @@ class Host:
         import psutil
 
         return sorted(c.pid for c in psutil.Process(self.process.pid).children()
-                      if "redis" not in " ".join(c.cmdline()))
+                      if c.name() != "redis-server")
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

@@ -1,9 +1,11 @@
 """The deployment files are product: each is checked by the real program that reads it.
 
-systemd-analyze for the unit, the kernel's own /proc/sys for the sysctl keys,
-``haproxy -c`` and ``nginx -t`` for the proxy configurations, and then real
-HAProxy and NGINX processes carrying WebSocket traffic to two stand-in backends
-on 127.0.0.2 and 127.0.0.3 (``ws_echo.py``; rtc hosts can take their place).
+systemd-analyze and rtc itself for the unit and its env file (the Exec lines
+run as systemd would, under a notify socket of the test's own), the kernel's
+/proc/sys for the sysctl keys, ``haproxy -c`` and ``nginx -t`` for the proxy
+configurations, then real HAProxy and NGINX processes carrying WebSocket
+traffic to two stand-in backends on 127.0.0.2 and 127.0.0.3 (``ws_echo.py``;
+rtc hosts can take their place), and the scale-down script against a stand-in.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ import asyncio
 import json
 import os
 import re
+import shlex
+import shutil
+import signal
+import socket
+import struct
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +39,7 @@ from tests.proxies import (
     RunningProxy,
     check_haproxy,
     check_nginx,
+    free_port,
     haproxy_server_status,
     render_haproxy,
     render_nginx,
@@ -37,6 +47,7 @@ from tests.proxies import (
     run_haproxy,
     run_nginx,
 )
+from tests.systemd_unit import parse_environment_file, parse_unit, timespan_seconds
 from tests.ws_echo import EchoBackend, run_echo_backend
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,51 +60,11 @@ SCALE_DOWN = REPO / "scripts" / "scale-down.sh"
 # SPEC section 2 defaults the files must agree with.
 SHUTDOWN_TIMEOUT_S = 30
 WS_HEARTBEAT_S = 20
-# Every `rtc serve` flag (SPEC section 2 and docs/interfaces-draft.md), as RTC_* names.
-RTC_FLAGS = {
-    "host", "port", "metrics-port", "workers", "node-id", "redis-url", "redis-cluster",
-    "jwt-secret", "jwt-secret-file", "jwt-public-key", "jwt-algorithms", "jwt-audience",
-    "jwt-issuer", "allowed-origins", "trusted-proxies", "max-connections",
-    "max-connections-per-ip", "max-message-bytes", "max-rooms", "rate", "rate-burst",
-    "send-queue-bytes", "history-size", "history-ttl", "session-ttl",
-    "presence-events-max", "public-url", "drain-batch", "drain-interval",
-    "shutdown-timeout", "runtime-dir", "demo", "log-level", "log-format",
-    "ws-heartbeat", "conformance-echo",
-}  # fmt: skip
-RTC_ENV_NAMES = {"RTC_" + flag.upper().replace("-", "_") for flag in RTC_FLAGS}
+# The installed console script; the unit's /usr/local/bin/rtc on a real host.
+RTC_BIN = Path(sys.executable).with_name("rtc")
 
 
 # --- systemd ---------------------------------------------------------------
-
-
-def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
-    """Sections of a unit file, each key with every value it was given, in order.
-
-    Line continuations are not used in the shipped units, so none are handled.
-    """
-    sections: dict[str, dict[str, list[str]]] = {}
-    current: dict[str, list[str]] | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        assert current is not None, f"directive outside a section: {line}"
-        key, sep, value = line.partition("=")
-        assert sep, f"not a directive: {line}"
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
-
-
-def timespan_seconds(value: str) -> float:
-    """A systemd time span such as ``45s``, ``1min 30s`` or ``90`` (seconds)."""
-    units = {"ms": 0.001, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "": 1}
-    total = 0.0
-    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value):
-        total += float(number) * units[unit]
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -236,17 +207,196 @@ def test_limits_dropin_is_well_formed() -> None:
         assert int(value) <= 1_048_576  # fs.nr_open
 
 
-def test_env_example_names_only_rtc_settings(unit: dict[str, list[str]]) -> None:
-    """Each variable, set or commented out, is a real RTC_* setting; no secret in it."""
-    names: dict[str, str] = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        match = re.match(r"^#? ?([A-Z][A-Z0-9_]*)=(.*)$", line)
-        if match:
-            names[match.group(1)] = match.group(2)
-    assert set(names) <= RTC_ENV_NAMES, set(names) - RTC_ENV_NAMES
+def _env_example_lines(*, uncomment: bool) -> dict[str, str]:
+    """The example's variables; with ``uncomment`` also the commented-out ones."""
+    text = ENV_EXAMPLE.read_text()
+    if uncomment:
+        text = re.sub(r"^# (RTC_[A-Z_]+=)", r"\1", text, flags=re.MULTILINE)
+    return parse_environment_file(text)
+
+
+@pytest.fixture(scope="module")
+def rtc_env_names() -> set[str]:
+    """RTC_* names of every flag the real `rtc serve` accepts."""
+    assert RTC_BIN.exists(), f"{RTC_BIN} missing: pip install -e ."
+    result = subprocess.run(
+        [str(RTC_BIN), "serve", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    flags = set(re.findall(r"--(?:no-)?([a-z][a-z-]+)", result.stdout)) - {"help"}
+    assert {"host", "port", "shutdown-timeout", "redis-url"} <= flags
+    return {"RTC_" + flag.upper().replace("-", "_") for flag in flags}
+
+
+def test_env_example_names_only_rtc_settings(
+    unit: dict[str, list[str]], rtc_env_names: set[str]
+) -> None:
+    """Each variable, set or commented out, is a flag of rtc serve; no secret in it."""
+    names = _env_example_lines(uncomment=True)
+    assert set(names) <= rtc_env_names, set(names) - rtc_env_names
     assert "RTC_JWT_SECRET" not in names
     shutdown = float(names.get("RTC_SHUTDOWN_TIMEOUT") or SHUTDOWN_TIMEOUT_S)
     assert timespan_seconds(unit["TimeoutStopSec"][0]) > shutdown
+
+
+def _service_environment(
+    unit: dict[str, list[str]], variables: dict[str, str], credentials: Path
+) -> dict[str, str]:
+    """What systemd hands rtc: a clean environment, the unit's Environment= and
+    EnvironmentFile= variables, and the credentials directory."""
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
+    for assignment in unit.get("Environment", []):
+        key, _, value = assignment.partition("=")
+        env[key] = value
+    env.update(variables)
+    (credentials / "jwt-secret").write_text("s3cret-from-a-credential")
+    env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    return env
+
+
+def _exec_argv(unit: dict[str, list[str]], key: str) -> list[str]:
+    argv = shlex.split(unit[key][0])
+    assert argv[0] == "/usr/local/bin/rtc"
+    return [str(RTC_BIN), *argv[1:]]
+
+
+@pytest.mark.parametrize(
+    "uncomment", [False, True], ids=["as-shipped", "every-example"]
+)
+def test_env_example_passes_check_config(
+    unit: dict[str, list[str]], tmp_path: Path, uncomment: bool
+) -> None:
+    """The unit's ExecStartPre accepts the example, the JWT secret coming as a credential."""
+    variables = _env_example_lines(uncomment=uncomment)
+    # A key file that does not exist here; Redis URLs that must not be dialled.
+    for name in ("RTC_JWT_PUBLIC_KEY", "RTC_REDIS_URL", "RTC_REDIS_CLUSTER"):
+        variables.pop(name, None)
+    env = _service_environment(unit, variables, tmp_path)
+    argv = _exec_argv(unit, "ExecStartPre")
+    result = subprocess.run(
+        argv, check=False, capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    del env["CREDENTIALS_DIRECTORY"]
+    result = subprocess.run(
+        argv, check=False, capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 2, "without the jwt-secret credential rtc must refuse"
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+class _NotifySocket:
+    """The service manager's end of sd_notify: a datagram socket that learns the sender's PID."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.received: list[tuple[int, dict[str, str]]] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def wait_for(self, key: str, value: str | None, timeout: float) -> dict[str, str]:
+        """The next message carrying ``key`` (with ``value``, if given)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                break
+            pid = 0
+            for level, kind, payload in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                    pid = struct.unpack("iII", payload[:12])[0]
+            fields = dict(
+                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
+            )
+            self.received.append((pid, fields))
+            if key in fields and (value is None or fields[key] == value):
+                return fields
+        raise AssertionError(f"no {key}={value} within {timeout}s; got {self.received}")
+
+
+def test_unit_exec_lines_speak_sd_notify(unit: dict[str, list[str]]) -> None:
+    """ExecStartPre, then ExecStart under a real NOTIFY_SOCKET, reload, then stop.
+
+    Run as systemd would: a clean environment from the unit and the example
+    env file (moved to loopback ports), credentials and runtime directories,
+    WATCHDOG_USEC/WATCHDOG_PID, SIGHUP for ExecReload, SIGTERM to the main
+    process only (KillMode=mixed). Every message must come from the main PID
+    (NotifyAccess=main).
+    """
+    require_program("redis-server")  # the embedded engine, as on a single host
+    # Short paths: the embedded Redis socket lives in the runtime directory.
+    root = Path(tempfile.mkdtemp(prefix="rtc-unit-", dir="/tmp"))
+    runtime, credentials = root / "run", root / "cred"
+    runtime.mkdir()
+    credentials.mkdir()
+    notify = _NotifySocket(root / "notify")
+    port, metrics_port = free_port(), free_port()
+    variables = _env_example_lines(uncomment=False) | {
+        "RTC_HOST": "127.0.0.1",
+        "RTC_PORT": str(port),
+        "RTC_METRICS_PORT": str(metrics_port),
+        "RTC_WORKERS": "2",
+        "RTC_NODE_ID": f"unit-{port}",
+    }
+    env = _service_environment(unit, variables, credentials) | {
+        "RUNTIME_DIRECTORY": str(runtime),
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "1000000",
+    }
+    log = (root / "rtc.log").open("wb")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        pre = subprocess.run(
+            _exec_argv(unit, "ExecStartPre"), env=env, check=False, timeout=60
+        )
+        assert pre.returncode == 0
+        # systemd sets WATCHDOG_PID to the main PID: the shell's, which exec keeps.
+        proc = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                'WATCHDOG_PID=$$ exec "$@"',
+                "sh",
+                *_exec_argv(unit, "ExecStart"),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        ready = notify.wait_for("READY", "1", timeout=60)
+        assert ready.get("STATUS"), ready
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/health", timeout=5
+        ) as resp:
+            assert resp.status == 200
+        notify.wait_for("WATCHDOG", "1", timeout=3)
+
+        proc.send_signal(signal.SIGHUP)  # ExecReload=/bin/kill -s HUP $MAINPID
+        reloading = notify.wait_for("RELOADING", "1", timeout=10)
+        assert "MONOTONIC_USEC" in reloading
+        notify.wait_for("READY", "1", timeout=60)
+
+        proc.send_signal(signal.SIGTERM)  # KillMode=mixed: the main process only
+        notify.wait_for("STOPPING", "1", timeout=10)
+        assert proc.wait(timeout=timespan_seconds(unit["TimeoutStopSec"][0])) == 0
+        assert {pid for pid, _ in notify.received} == {proc.pid}
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        notify.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --- proxy configurations as files ----------------------------------------

@@ -44,7 +44,7 @@ for i = 0, n - 1 do
   else
     seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
     local frame = head .. seq .. tail
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, seq .. '-1', 'f', frame)
+    redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, seq .. '-1', 'f', frame)
     records[#records + 1] = seq .. ' ' .. ts .. ' ' .. frame
     if d > 0 then redis.call('SET', KEYS[d], seq, 'EX', 120) end
   end

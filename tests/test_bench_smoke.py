@@ -1,0 +1,187 @@
+"""Smoke runs of the benchmark tools (bench/), so they do not rot between big runs.
+
+Every server here is started by the test on a free 127.0.0.1 port and stopped by its
+PID. Runs are tiny (tens of sockets, one-second steps); the figures are not judged,
+only that traffic flowed and arrived complete and in order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+LOCUST = str(Path(sys.executable).with_name("locust"))
+SECRET = "bench-secret-for-loopback-load-tests"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, (
+        f"{argv[:4]} exited {result.returncode}:\n{result.stderr}"
+    )
+    return result
+
+
+def _loadgen(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return _run([PYTHON, "-m", "bench.loadgen", *args, "--jwt-secret", SECRET], timeout)
+
+
+@pytest.fixture(scope="module")
+def bare() -> Iterator[tuple[str, int]]:
+    """The bare-aiohttp baseline: (root URL, PID)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "bench.baselines.bare_aiohttp",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/health", timeout=1
+                ):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    "bare did not start"
+                )
+                time.sleep(0.1)
+        yield f"ws://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _assert_clean(result: dict[str, Any]) -> None:
+    assert result["failed"] == 0, result["errors"]
+    assert result["dropped"] == 0
+    assert result["integrity"] == {"gaps": 0, "duplicates": 0, "reordered": 0}
+
+
+@pytest.mark.timeout(60)
+def test_fanout_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
+    url, pid = bare
+    out = tmp_path / "fanout.json"
+    run = _loadgen(
+        "fanout", "--url", url, "--server-pid", str(pid), "--members", "20",
+        "--start-rate", "20", "--factor", "2", "--step-seconds", "1", "--max-steps", "2",
+        "--json", str(out),
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    _assert_clean(result)
+    assert result["opened"] == 20
+    assert len(result["steps"]) == 2
+    first = result["steps"][0]
+    assert first["deliveries_per_s"] > 0
+    assert first["delivery_ratio"] == 1.0
+    assert first["server_cpu_pct"] is not None
+    assert result["max_sustainable_deliveries_per_s"] > 0
+    assert "max sustainable" in run.stdout
+
+
+@pytest.mark.timeout(60)
+def test_idle_and_direct_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
+    url, pid = bare
+    idle_out, direct_out = tmp_path / "idle.json", tmp_path / "direct.json"
+    _loadgen(
+        "idle", "--url", url, "--server-pid", str(pid), "--conns", "60", "--rooms", "3",
+        "--hold", "0.2", "--per-source", "25", "--json", str(idle_out),
+    )  # fmt: skip
+    idle = json.loads(idle_out.read_text())
+    _assert_clean(idle)
+    assert idle["opened"] == 60
+    assert idle["server_rss_after_mib"] > 0
+    _loadgen(
+        "direct", "--url", url, "--users", "10", "--start-rate", "50", "--step-seconds", "1",
+        "--max-steps", "1", "--json", str(direct_out),
+    )  # fmt: skip
+    direct = json.loads(direct_out.read_text())
+    _assert_clean(direct)
+    assert direct["steps"][0]["deliveries_per_s"] > 0
+    assert direct["steps"][0]["delivery_ratio"] == 1.0
+
+
+@pytest.mark.timeout(90)
+def test_compare_bare_and_socketio(tmp_path: Path) -> None:
+    """Compare mode starts its own Redis and servers; socket.io runs ``cross`` over two."""
+    out = tmp_path / "compare"
+    run = _loadgen(
+        "compare", "--out", str(out), "--servers", "bare,socketio", "--scenarios",
+        "cross,churn", "--members", "10", "--start-rate", "10", "--step-seconds", "1",
+        "--max-steps", "1", "--churn-slots", "2", "--churn-seconds", "1",
+        timeout=90,
+    )  # fmt: skip
+    document = json.loads((out / "results.json").read_text())
+    results = document["results"]
+    assert set(results) == {"bare", "socketio"}
+    assert "cross" not in results["bare"]  # hosts sharing nothing cannot do cross
+    cross = results["socketio"]["cross"]
+    assert cross["opened"] == 10
+    assert cross["steps"][0]["deliveries_per_s"] > 0
+    assert cross["steps"][0]["delivery_ratio"] == 1.0
+    # Socket.IO does not order emits (reordered may be > 0); nothing may be lost.
+    assert cross["integrity"]["gaps"] == 0
+    assert cross["integrity"]["duplicates"] == 0
+    for server in ("bare", "socketio"):
+        churn = results[server]["churn"]
+        assert churn["cycles"] > 0 and churn["failed"] == 0, churn
+    assert (out / "latency-vs-load.png").stat().st_size > 0
+    assert (
+        "| figure | bare | socketio | bare/socketio |" in (out / "table.md").read_text()
+    )
+    assert "churn: connect+close cycles/s" in run.stdout
+
+
+@pytest.mark.timeout(60)
+def test_locustfile_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
+    url, _pid = bare
+    prefix = tmp_path / "locust"
+    _run(
+        [
+            LOCUST, "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "-u", "2",
+            "-r", "2", "-t", "5s", "--rooms", "1", "--host", url, "--jwt-secret", SECRET,
+            "--csv", str(prefix), "--only-summary",
+        ],
+        timeout=45,
+    )  # fmt: skip
+    with (tmp_path / "locust_stats.csv").open() as stats:
+        rows = {row["Name"]: row for row in csv.DictReader(stats)}
+    assert int(rows["connect"]["Request Count"]) == 2
+    assert int(rows["deliver"]["Request Count"]) > 0
+    assert int(rows["publish"]["Request Count"]) > 0
+    assert all(int(row["Failure Count"]) == 0 for row in rows.values())
