@@ -23,6 +23,7 @@ from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_reque
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
+from rtc.hostcount import HostConnections
 from rtc.node import Node
 from rtc.protocol import (
     Direct,
@@ -55,8 +56,11 @@ class WorkerState:
     node: Node
     verifier: Verifier
     worker: str
+    slot_index: int
+    host_connections: HostConnections
     draining: bool = False
     opening: int = 0  # upgrades accepted whose `welcome` is not sent yet
+    open_count: int = 0
     drain_task: asyncio.Task[None] | None = None
     per_ip: Counter[str] = field(default_factory=Counter)
 
@@ -155,8 +159,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     settings = state.settings
     if state.draining:
         raise _reject(503, "draining", "host is draining: reconnect elsewhere")
-    share = -(-settings.max_connections // settings.workers)
-    if settings.max_connections and len(state.node.connections) >= share:
+    if settings.max_connections and state.host_connections.total() >= settings.max_connections:
         raise _reject(503, "full", "host is full")
     origin = request.headers.get("Origin")
     if settings.allowed_origins and origin not in settings.allowed_origins:
@@ -199,6 +202,8 @@ async def _upgrade(request: web.Request, state: WorkerState, principal: Principa
     metrics.TOTAL_CONNECTIONS.inc()
     connections = metrics.CONNECTIONS.labels(state.worker)
     connections.inc()
+    state.open_count += 1
+    state.host_connections.set(state.slot_index, state.open_count)
     expiry = _ExpiryTimer(conn)
     try:
         resumed = await _open_session(state, conn, request.query.get("session"))
@@ -215,6 +220,8 @@ async def _upgrade(request: web.Request, state: WorkerState, principal: Principa
             del state.per_ip[address]
         metrics.ACTIVE_CONNECTIONS.dec()
         connections.dec()
+        state.open_count -= 1
+        state.host_connections.set(state.slot_index, state.open_count)
         await state.node.detach(conn)
     return ws
 

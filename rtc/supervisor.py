@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from rtc.config import Settings
 from rtc.embedded_redis import EmbeddedRedis
 from rtc.errors import ConfigError
+from rtc.hostcount import HostConnections
 from rtc.sdnotify import Notifier
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         self._probe_port()
         self._sockets = [self._listen() for _ in range(self.settings.workers)]
+        self._connections = HostConnections(self.settings.workers)
         if self.settings.embedded_redis:
             self._redis = EmbeddedRedis(self._runtime)
             self._redis.start()
@@ -201,7 +203,7 @@ class Supervisor:
 
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         spec = WorkerSpec(self.settings, slot, self._sockets[slot], self.instance,
-                          join_ring_now, write_end)
+                          join_ring_now, write_end, self._connections)
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1

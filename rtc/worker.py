@@ -30,6 +30,7 @@ from rtc.broker import SlotTaken
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import CloseCode
+from rtc.hostcount import HostConnections
 from rtc.log import redact, setup_logging
 from rtc.node import Node
 from rtc.protocol import encode
@@ -53,6 +54,7 @@ class WorkerSpec:
     instance: str
     join_ring_now: bool
     report_fd: int
+    host_connections: HostConnections
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -105,7 +107,9 @@ class _Worker:
         except Exception as exc:
             log.error("cannot reach Redis: %s", exc)
             return EXIT_BOOT
-        state = WorkerState(self.settings, node, Verifier(self.settings, time.time), self.label)
+        self.spec.host_connections.set(self.spec.index, 0)
+        state = WorkerState(self.settings, node, Verifier(self.settings, time.time), self.label,
+                            self.spec.index, self.spec.host_connections)
         node.on_control = lambda command: self._on_control(state, command)
         app = build_app(state)
         runner = web.AppRunner(app, handle_signals=False, access_log_class=_AccessLogger,
