@@ -181,8 +181,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             state.opening -= 1
 
 
-async def _upgrade(request: web.Request, state: WorkerState, principal: Principal,
-                   address: str) -> web.WebSocketResponse:
+async def _upgrade(
+    request: web.Request, state: WorkerState, principal: Principal, address: str
+) -> web.WebSocketResponse:
     settings = state.settings
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_message_bytes + 1,  # aiohttp refuses sizes >= its limit
@@ -194,9 +195,14 @@ async def _upgrade(request: web.Request, state: WorkerState, principal: Principa
     assert request.transport is not None
     state.per_ip[address] += 1
     conn = Connection(
-        ws, request.transport, principal, secrets.token_urlsafe(16), address,
+        ws,
+        request.transport,
+        principal,
+        secrets.token_urlsafe(16),
+        address,
         TokenBucket(settings.rate, settings.rate_burst, time.monotonic()),
-        settings.send_queue_bytes, state.worker,
+        settings.send_queue_bytes,
+        state.worker,
     )
     metrics.ACTIVE_CONNECTIONS.inc()
     metrics.TOTAL_CONNECTIONS.inc()
@@ -244,8 +250,15 @@ async def _open_session(
                     rejoin.append((name[2:], int(seq), epoch))
             rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
     await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
-    conn.send(encode("welcome", session=conn.session, user=conn.user,
-                     node=state.settings.node_id, resumed=rejoin is not None))
+    conn.send(
+        encode(
+            "welcome",
+            session=conn.session,
+            user=conn.user,
+            node=state.settings.node_id,
+            resumed=rejoin is not None,
+        )
+    )
     return rejoin
 
 
@@ -294,7 +307,8 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
     try:
         await state.node.broker.save_sessions(
-            state.node.checkpoints(conns, final=True), state.settings.session_ttl)
+            state.node.checkpoints(conns, final=True), state.settings.session_ttl
+        )
     except Exception as exc:
         log.warning("final session checkpoint failed: %s", exc)
 
@@ -371,8 +385,13 @@ async def health(request: web.Request) -> web.Response:
     redis_ok = await state.node.broker.ping()
     ok = in_ring and not state.draining
     status = "ok" if ok else ("draining" if state.draining else "starting")
-    body = {"status": status, "node": state.settings.node_id, "worker": state.worker,
-            "redis": redis_ok, "in_ring": in_ring}
+    body = {
+        "status": status,
+        "node": state.settings.node_id,
+        "worker": state.worker,
+        "redis": redis_ok,
+        "in_ring": in_ring,
+    }
     return web.json_response(body, status=200 if ok else 503, dumps=_dumps)
 
 
@@ -383,11 +402,11 @@ def wants_prometheus(request: web.Request) -> bool:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     if wants_prometheus(request):
-        return web.Response(body=hostmetrics.prometheus_text(),
-                            content_type="text/plain", charset="utf-8")
+        return web.Response(body=hostmetrics.prometheus_text(), content_type="text/plain", charset="utf-8")
     state = request.app[STATE]
-    return web.json_response({**hostmetrics.snapshot(), "node": state.settings.node_id,
-                              "draining": state.draining}, dumps=_dumps)
+    return web.json_response(
+        {**hostmetrics.snapshot(), "node": state.settings.node_id, "draining": state.draining}, dumps=_dumps
+    )
 
 
 def _dumps(value: Any) -> str:
@@ -463,8 +482,7 @@ async def dashboard_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: one snapshot a second while the page is open."""
     require_admin(request)
     state = request.app[STATE]
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     while not state.draining:
         await response.write(b"data: " + orjson.dumps(_dashboard_snapshot(state)) + b"\n\n")
@@ -498,21 +516,25 @@ async def demo_token(request: web.Request) -> web.Response:
         if not isinstance(user, str) or not 0 < len(user) <= 64 or "@" in user:
             raise ValueError
     except (ValueError, KeyError, TypeError):
-        raise web.HTTPBadRequest(text='{"error":"user must be a short name"}',
-                                 content_type="application/json") from None
+        raise web.HTTPBadRequest(
+            text='{"error":"user must be a short name"}', content_type="application/json"
+        ) from None
     if not state.settings.jwt_secret:
-        raise web.HTTPServiceUnavailable(text='{"error":"demo needs an HMAC secret"}',
-                                         content_type="application/json")
-    token = mint(state.settings.jwt_secret, user, now=time.time(), ttl=3600,
-                 algorithm=state.settings.jwt_algorithms[0])
+        raise web.HTTPServiceUnavailable(
+            text='{"error":"demo needs an HMAC secret"}', content_type="application/json"
+        )
+    token = mint(
+        state.settings.jwt_secret, user, now=time.time(), ttl=3600, algorithm=state.settings.jwt_algorithms[0]
+    )
     return web.json_response({"token": token}, dumps=_dumps)
 
 
 async def echo(request: web.Request) -> web.WebSocketResponse:
     """Autobahn conformance only: echo with the same limits and settings as `/ws`."""
     settings = request.app[STATE].settings
-    ws = web.WebSocketResponse(max_msg_size=settings.max_message_bytes + 1, compress=False,
-                               heartbeat=settings.ws_heartbeat)
+    ws = web.WebSocketResponse(
+        max_msg_size=settings.max_message_bytes + 1, compress=False, heartbeat=settings.ws_heartbeat
+    )
     await ws.prepare(request)
     async for msg in ws:
         if msg.type is WSMsgType.TEXT:
@@ -520,4 +542,3 @@ async def echo(request: web.Request) -> web.WebSocketResponse:
         elif msg.type is WSMsgType.BINARY:
             await ws.send_bytes(msg.data)
     return ws
-

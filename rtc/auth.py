@@ -41,7 +41,9 @@ class Verifier:
     def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
         self._algorithms = list(settings.jwt_algorithms)
         hmac = set(self._algorithms) <= HMAC_ALGORITHMS
-        self._key = settings.jwt_secret if hmac else settings.jwt_public_key
+        key = settings.jwt_secret if hmac else settings.jwt_public_key
+        assert key is not None, "Settings validation guarantees a key"
+        self._key: str = key
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._clock = clock

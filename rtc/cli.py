@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--rooms", nargs="*", metavar="PATTERN")
     token.add_argument("--admin", action="store_true")
     token.add_argument("--ttl", type=int, default=3600)
-    for name, text in (("drain", "drain a host and wait, printing progress"),
-                       ("status", "print the host's JSON summary")):
+    for name, text in (
+        ("drain", "drain a host and wait, printing progress"),
+        ("status", "print the host's JSON summary"),
+    ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--url", default="http://127.0.0.1:8081")
         sub.add_argument("--timeout", type=float, default=300.0)
@@ -55,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _serve(settings_from(args))
             case "check-config":
                 settings = settings_from(args)
-                print(f"rtc: configuration ok ({settings.workers} workers on "
-                      f"{settings.host}:{settings.port})")
+                print(
+                    f"rtc: configuration ok ({settings.workers} workers on {settings.host}:{settings.port})"
+                )
                 return 0
             case "token":
                 return _token(settings_from(args), args)
@@ -87,8 +90,17 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
 
     if not settings.jwt_secret:
         raise ConfigError("rtc token signs with the HMAC secret: set JWT_SECRET")
-    print(mint(settings.jwt_secret, args.user, now=time.time(), ttl=args.ttl, rooms=args.rooms,
-               admin=args.admin, algorithm=settings.jwt_algorithms[0]))
+    print(
+        mint(
+            settings.jwt_secret,
+            args.user,
+            now=time.time(),
+            ttl=args.ttl,
+            rooms=args.rooms,
+            admin=args.admin,
+            algorithm=settings.jwt_algorithms[0],
+        )
+    )
     return 0
 
 
@@ -106,11 +118,16 @@ def _drain(url: str, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         report = _request("GET", url + "/admin/drain")
-        print(f"  active={report['active_connections']} migrated={report['migrated']} "
-              f"failed={report['failed']}", flush=True)
+        print(
+            f"  active={report['active_connections']} migrated={report['migrated']} "
+            f"failed={report['failed']}",
+            flush=True,
+        )
         if report["done"] and report["active_connections"] == 0:
-            print(f"drained in {report['seconds']:.2f}s: {report['migrated']} migrated, "
-                  f"{report['failed']} failed")
+            print(
+                f"drained in {report['seconds']:.2f}s: {report['migrated']} migrated, "
+                f"{report['failed']} failed"
+            )
             return 0
         time.sleep(0.5)
     print("rtc: drain did not finish in time", file=sys.stderr)

@@ -13,7 +13,7 @@ import dataclasses
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,10 +251,14 @@ def _validate(s: Settings) -> None:
     unknown = set(s.jwt_algorithms) - HMAC_ALGORITHMS - PUBLIC_KEY_ALGORITHMS
     _require(bool(s.jwt_algorithms) and not unknown, f"--jwt-algorithms: unsupported {sorted(unknown)}")
     hmac = set(s.jwt_algorithms) & HMAC_ALGORITHMS
-    _require(not (hmac and set(s.jwt_algorithms) - HMAC_ALGORITHMS),
-             "--jwt-algorithms: do not mix HMAC and public-key algorithms (key confusion)")
+    _require(
+        not (hmac and set(s.jwt_algorithms) - HMAC_ALGORITHMS),
+        "--jwt-algorithms: do not mix HMAC and public-key algorithms (key confusion)",
+    )
     if hmac:
-        _require(bool(s.jwt_secret), "a JWT secret is required: set JWT_SECRET, --jwt-secret or --jwt-secret-file")
+        _require(
+            bool(s.jwt_secret), "a JWT secret is required: set JWT_SECRET, --jwt-secret or --jwt-secret-file"
+        )
     else:
         _require(bool(s.jwt_public_key), "--jwt-public-key is required for public-key algorithms")
     for cidr in s.trusted_proxies:
@@ -264,14 +268,23 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"--trusted-proxies: {cidr!r} is not a CIDR") from None
     for name in ("max_connections", "max_connections_per_ip", "presence_events_max"):
         _require(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("max_message_bytes", "max_rooms", "rate_burst", "send_queue_bytes",
-                 "history_size", "history_ttl", "session_ttl", "drain_batch"):
+    for name in (
+        "max_message_bytes",
+        "max_rooms",
+        "rate_burst",
+        "send_queue_bytes",
+        "history_size",
+        "history_ttl",
+        "session_ttl",
+        "drain_batch",
+    ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     for name in ("rate", "drain_interval", "shutdown_timeout", "ws_heartbeat", "handshake_timeout"):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     _require(s.log_level in {"debug", "info", "warning", "error"}, f"--log-level: {s.log_level!r}")
     _require(s.log_format in {"text", "json"}, f"--log-format: {s.log_format!r} is not text or json")
     if s.runtime_dir is not None:
-        _require(len(os.path.join(s.runtime_dir, "redis.sock")) <= 100,
-                 "--runtime-dir: path too long for a Unix socket (100 bytes at most)")
-
+        _require(
+            len(os.path.join(s.runtime_dir, "redis.sock")) <= 100,
+            "--runtime-dir: path too long for a Unix socket (100 bytes at most)",
+        )

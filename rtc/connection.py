@@ -36,6 +36,8 @@ class Connection:
     """State of one WebSocket; the routing layer delivers to it with `send_wire`."""
 
     __slots__ = (
+        "_limit",
+        "_worker",
         "abuse",
         "bucket",
         "closing",
@@ -49,8 +51,6 @@ class Connection:
         "transport",
         "welcomed",
         "ws",
-        "_limit",
-        "_worker",
     )
 
     def __init__(

@@ -47,10 +47,29 @@ class EmbeddedRedis:
             raise ConfigError("redis-server not found on PATH (install it, or set --redis-url)")
         self.socket_path.unlink(missing_ok=True)
         self._process = subprocess.Popen(
-            [binary, "--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction",
-             "--dir", str(self._dir), "--loglevel", "warning", "--daemonize", "no"],
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            [
+                binary,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket_path),
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory-policy",
+                "noeviction",
+                "--dir",
+                str(self._dir),
+                "--loglevel",
+                "warning",
+                "--daemonize",
+                "no",
+            ],
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + _START_TIMEOUT
         while not self._answers_ping():

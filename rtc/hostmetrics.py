@@ -21,7 +21,7 @@ SEED_NAMES = (
 
 def _registry() -> CollectorRegistry:
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
 
 

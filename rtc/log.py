@@ -64,4 +64,5 @@ def setup_logging(settings: Settings, worker: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     logging.getLogger("aiohttp.access").setLevel(
-        logging.INFO if settings.log_level == "debug" else logging.WARNING)
+        logging.INFO if settings.log_level == "debug" else logging.WARNING
+    )

@@ -13,7 +13,6 @@ from rtc.errors import ErrorCode
 
 __all__ = [
     "ACTIVE_CONNECTIONS",
-    "declare_label_values",
     "CONNECTIONS",
     "DELIVERIES",
     "DRAINS",
@@ -40,12 +39,11 @@ __all__ = [
     "SLOW_CONSUMERS",
     "TOTAL_CONNECTIONS",
     "WORKER_RESTARTS",
+    "declare_label_values",
 ]
 
 # The seed's names (SPEC section 6): unlabelled host totals, present from start.
-ACTIVE_CONNECTIONS = Gauge(
-    "active_connections", "Open WebSocket connections", multiprocess_mode="livesum"
-)
+ACTIVE_CONNECTIONS = Gauge("active_connections", "Open WebSocket connections", multiprocess_mode="livesum")
 TOTAL_CONNECTIONS = Gauge(
     "total_connections", "WebSocket connections opened since start", multiprocess_mode="sum"
 )
@@ -93,8 +91,17 @@ WORKER_RESTARTS = Counter("rtc_worker_restarts", "Workers replaced after dying")
 RING_SLOTS = Gauge("rtc_ring_slots", "Live slots in the ring", multiprocess_mode="livemax")
 
 HANDSHAKE_REASONS = ("draining", "full", "origin", "auth", "per_ip")
-REDIS_OPS = ("ping", "heartbeat", "subscribe", "publish", "open_room", "sequence", "history",
-             "membership", "session")
+REDIS_OPS = (
+    "ping",
+    "heartbeat",
+    "subscribe",
+    "publish",
+    "open_room",
+    "sequence",
+    "history",
+    "membership",
+    "session",
+)
 
 
 def declare_label_values() -> None:

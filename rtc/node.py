@@ -203,8 +203,9 @@ class Node:
         if not already and name[0] != "@":
             metrics.JOINS.labels(self.worker).inc()
             presence = encode("presence", room=name, user=conn.user, event="join")
-            await self.broker.join(name, self.slot, conn.user, presence,
-                                   self.settings.presence_events_max, MEMBERSHIP_TTL)
+            await self.broker.join(
+                name, self.slot, conn.user, presence, self.settings.presence_events_max, MEMBERSHIP_TTL
+            )
 
     async def _send_joined(self, conn: Connection, room: Room, cmd: Join) -> None:
         last = room.cursor
@@ -221,15 +222,15 @@ class Node:
                 expected = list(range(after + 1, last + 1))
                 if [seq for seq, _ in replay] != expected:
                     recovered = False
-        conn.send(encode("joined", cmd.id, room=room.name, seq=last, epoch=room.epoch,
-                         recovered=recovered))
+        conn.send(encode("joined", cmd.id, room=room.name, seq=last, epoch=room.epoch, recovered=recovered))
         for _, frame in replay:
             conn.send(frame)
         # The session knows the room at once; the checkpoint advances once this is sent.
         conn.cursors[room.name] = cmd.since if cmd.since is not None and recovered else last
         await self.broker.save_sessions(
             {conn.session: {f"r:{room.name}": f"{conn.cursors[room.name]}:{room.epoch}"}},
-            self.settings.session_ttl)
+            self.settings.session_ttl,
+        )
 
     async def leave(self, conn: Connection, name: str, request_id: RequestId) -> None:
         if name not in conn.rooms or name == inbox(conn.user):
@@ -290,8 +291,18 @@ class Node:
         self._next_rid += 1
         rid = b"%d" % self._next_rid
         self._forwards[rid] = (reply, time.monotonic() + FORWARD_TIMEOUT)
-        record = b"\n".join((b"P", self.slot.encode(), rid, (item.dedup or "").encode(),
-                             key.encode(), b"%d" % item.ts, item.head, item.tail))
+        record = b"\n".join(
+            (
+                b"P",
+                self.slot.encode(),
+                rid,
+                (item.dedup or "").encode(),
+                key.encode(),
+                b"%d" % item.ts,
+                item.head,
+                item.tail,
+            )
+        )
         self._forwarded.inc()
         self._send(keys.slot_inbox(owner), record, on_nobody=lambda: self._unforward(rid, key, item))
 
@@ -318,8 +329,11 @@ class Node:
                 try:
                     async with asyncio.timeout(FORWARD_TIMEOUT):
                         result = await self.broker.sequence(
-                            room, [item for item, _ in batch],
-                            self.settings.history_size, self.settings.history_ttl)
+                            room,
+                            [item for item, _ in batch],
+                            self.settings.history_size,
+                            self.settings.history_ttl,
+                        )
                     seqs = list(result.seqs)
                 except Exception as exc:
                     log.warning("sequencing %s failed: %s", room, exc)
@@ -546,7 +560,8 @@ class Node:
         try:
             if await self.broker.leave(name, self.slot, conn.user):
                 asyncio.get_running_loop().call_later(
-                    PRESENCE_LEAVE_DELAY, self.spawn, self._announce_leave(name, conn.user))
+                    PRESENCE_LEAVE_DELAY, self.spawn, self._announce_leave(name, conn.user)
+                )
         except Exception as exc:
             log.warning("membership update for %s failed: %s", name, exc)
 
@@ -584,8 +599,7 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.broker.save_sessions(self.checkpoints(self.connections),
-                                                self.settings.session_ttl)
+                await self.broker.save_sessions(self.checkpoints(self.connections), self.settings.session_ttl)
             except Exception as exc:
                 log.warning("session checkpoint failed: %s", exc)
 

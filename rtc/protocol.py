@@ -24,9 +24,9 @@ __all__ = [
     "Ping",
     "Publish",
     "Refresh",
+    "direct_halves",
     "encode",
     "encode_error",
-    "direct_halves",
     "inbox",
     "message_halves",
     "parse",
@@ -141,7 +141,7 @@ def _request_id(obj: dict[str, Any]) -> RequestId:
     if isinstance(request_id, str) and len(request_id) <= _MAX_ID_LENGTH:
         return request_id
     if _is_int(request_id) and abs(request_id) < 2**63:
-        return request_id
+        return int(request_id)
     raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'id' must be a short string or an integer")
 
 
@@ -150,9 +150,7 @@ def _name(obj: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {key!r} must be a string")
     if not _NAME.fullmatch(value.removeprefix("@") if key == "room" else value):
-        raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"field {key!r} must be 1-128 of A-Z a-z 0-9 _ . : / -"
-        )
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {key!r} must be 1-128 of A-Z a-z 0-9 _ . : / -")
     return value
 
 

@@ -28,4 +28,3 @@ class Notifier:
     @property
     def enabled(self) -> bool:
         return bool(self._address)
-

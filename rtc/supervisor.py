@@ -148,10 +148,15 @@ class Supervisor:
         for slot in range(self.settings.workers):
             self._slots[slot] = _SlotState()
             self._spawn(slot, join_ring_now=True)
-        log.info("rtc %s serving on %s:%d with %d workers (runtime %s, redis %s)",
-                 self.settings.node_id, self.settings.host, self.settings.port,
-                 self.settings.workers, self._runtime,
-                 "embedded" if self._redis else "external")
+        log.info(
+            "rtc %s serving on %s:%d with %d workers (runtime %s, redis %s)",
+            self.settings.node_id,
+            self.settings.host,
+            self.settings.port,
+            self.settings.workers,
+            self._runtime,
+            "embedded" if self._redis else "external",
+        )
 
     def _runtime_dir(self) -> Path:
         if self.settings.runtime_dir:
@@ -202,8 +207,15 @@ class Supervisor:
         from rtc.worker import WorkerSpec
 
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        spec = WorkerSpec(self.settings, slot, self._sockets[slot], self.instance,
-                          join_ring_now, write_end, self._connections)
+        spec = WorkerSpec(
+            self.settings,
+            slot,
+            self._sockets[slot],
+            self.instance,
+            join_ring_now,
+            write_end,
+            self._connections,
+        )
         pid = os.fork()
         if pid == 0:  # the worker
             status = 1
@@ -289,7 +301,7 @@ class Supervisor:
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
     def _schedule_restart(self, child: _Child, code: int) -> None:
         state = self._slots[child.slot]
@@ -297,8 +309,9 @@ class Supervisor:
         state.failures = 1 if lived > _STABLE_AFTER else state.failures + 1
         delay = 0.0 if state.failures == 1 else min(_BACKOFF_CAP, 0.5 * 2 ** (state.failures - 2))
         state.restart_at = time.monotonic() + delay
-        log.warning("worker %d (pid %d) died (exit %d); restarting in %.1fs",
-                    child.slot, child.pid, code, delay)
+        log.warning(
+            "worker %d (pid %d) died (exit %d); restarting in %.1fs", child.slot, child.pid, code, delay
+        )
         from rtc import metrics
 
         metrics.WORKER_RESTARTS.inc()
@@ -339,8 +352,7 @@ class Supervisor:
                 log.info("rolling restart done")
                 return
             slot = roll.pending.pop(0)
-            roll.old = next((c for c in self._children.values()
-                             if c.slot == slot and not c.retiring), None)
+            roll.old = next((c for c in self._children.values() if c.slot == slot and not c.retiring), None)
             roll.replacement = self._spawn(slot, join_ring_now=roll.old is None)
             roll.step_started = now
             return
@@ -454,9 +466,10 @@ class Supervisor:
                     conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
                     return
                 body = hostmetrics.prometheus_text()
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; "
-                             b"charset=utf-8\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-                             % len(body) + body)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; "
+                    b"charset=utf-8\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                )
             except OSError:
                 pass
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from rtc import keys, metrics
-from rtc.app import STATE, WorkerState, build_app
+from rtc.app import WorkerState, build_app
 from rtc.auth import Verifier
 from rtc.broker import SlotTaken
 from rtc.config import Settings
@@ -62,8 +62,12 @@ class _AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
-            '%s "%s %s" %s %.3fs', request.remote, request.method,
-            redact(request.path_qs), response.status, time,
+            '%s "%s %s" %s %.3fs',
+            request.remote,
+            request.method,
+            redact(request.path_qs),
+            response.status,
+            time,
         )
 
 
@@ -94,9 +98,18 @@ class _Worker:
         loop.add_signal_handler(signal.SIGUSR1, self.join_ring.set)
         if self.spec.join_ring_now:
             self.join_ring.set()
-        for family in (metrics.FORWARDED, metrics.FANOUT_RECEIVED, metrics.DELIVERIES,
-                       metrics.CONNECTIONS, metrics.ROOMS, metrics.JOINS, metrics.SLOW_CONSUMERS,
-                       metrics.PUBSUB_RECONNECTS, metrics.GAPS_FILLED, metrics.GAPS_REPORTED):
+        for family in (
+            metrics.FORWARDED,
+            metrics.FANOUT_RECEIVED,
+            metrics.DELIVERIES,
+            metrics.CONNECTIONS,
+            metrics.ROOMS,
+            metrics.JOINS,
+            metrics.SLOW_CONSUMERS,
+            metrics.PUBSUB_RECONNECTS,
+            metrics.GAPS_FILLED,
+            metrics.GAPS_REPORTED,
+        ):
             family.labels(self.label)
         metrics.REDIS_UP.labels(self.label).set(1)
         metrics.declare_label_values()
@@ -108,20 +121,30 @@ class _Worker:
             log.error("cannot reach Redis: %s", exc)
             return EXIT_BOOT
         self.spec.host_connections.set(self.spec.index, 0)
-        state = WorkerState(self.settings, node, Verifier(self.settings, time.time), self.label,
-                            self.spec.index, self.spec.host_connections)
+        state = WorkerState(
+            self.settings,
+            node,
+            Verifier(self.settings, time.time),
+            self.label,
+            self.spec.index,
+            self.spec.host_connections,
+        )
         node.on_control = lambda command: self._on_control(state, command)
         app = build_app(state)
-        runner = web.AppRunner(app, handle_signals=False, access_log_class=_AccessLogger,
-                               shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log_class=_AccessLogger, shutdown_timeout=1.0
+        )
         await runner.setup()
         site = web.SockSite(runner, self.spec.sock)
         await site.start()
         try:
             await self._enter_ring(node)
         except SlotTaken:
-            log.error("slot %s is held by another live host: is --node-id %s used twice?",
-                      self.slot, self.settings.node_id)
+            log.error(
+                "slot %s is held by another live host: is --node-id %s used twice?",
+                self.slot,
+                self.settings.node_id,
+            )
             await runner.cleanup()
             await node.close()
             return EXIT_CONFIG
@@ -164,9 +187,7 @@ class _Worker:
             state.drain_task = None
 
 
-async def drain_connections(
-    state: WorkerState, *, report: bool = True, refuse_upgrades: bool = True
-) -> None:
+async def drain_connections(state: WorkerState, *, report: bool = True, refuse_upgrades: bool = True) -> None:
     """Migrate every connection: `migrating` status, session checkpoint, close 1001, paced.
 
     A host drain also refuses new upgrades (503); a worker that stops for a rolling
@@ -181,8 +202,7 @@ async def drain_connections(
     key = keys.drain(settings.node_id, node.instance)
     log.info("draining %d connections", len(node.connections))
     while True:
-        pending = sorted((c for c in node.connections if c.welcomed and not c.closing),
-                         key=lambda c: c.id)
+        pending = sorted((c for c in node.connections if c.welcomed and not c.closing), key=lambda c: c.id)
         if not pending:
             if not state.opening:
                 break
@@ -190,11 +210,17 @@ async def drain_connections(
             continue
         batch = pending[: settings.drain_batch]
         for conn in batch:
-            conn.send(encode("status", status="migrating", details={
-                "new_endpoint": settings.public_url,
-                "reconnect_after": random.randint(100, 2000),
-                "session": conn.session,
-            }))
+            conn.send(
+                encode(
+                    "status",
+                    status="migrating",
+                    details={
+                        "new_endpoint": settings.public_url,
+                        "reconnect_after": random.randint(100, 2000),
+                        "session": conn.session,
+                    },
+                )
+            )
             conn.closing = True  # nothing more is written: the checkpoint is exact
         with contextlib.suppress(Exception):
             await node.broker.save_sessions(node.checkpoints(batch, final=True), settings.session_ttl)
@@ -209,8 +235,7 @@ async def drain_connections(
     metrics.MIGRATED.labels("failed").inc(failed)
     if report:
         await _report_drain(state, key, migrated, failed, started, done=True)
-    log.info("drain done: %d migrated, %d failed in %.2fs", migrated, failed,
-             time.monotonic() - started)
+    log.info("drain done: %d migrated, %d failed in %.2fs", migrated, failed, time.monotonic() - started)
 
 
 async def _close(conn: Connection) -> bool:
@@ -223,10 +248,14 @@ async def _close(conn: Connection) -> bool:
         return False
 
 
-async def _report_drain(state: WorkerState, key: str, migrated: int, failed: int,
-                        started: float, *, done: bool) -> None:
-    report = {"migrated": migrated, "failed": failed, "done": done,
-              "seconds": round(time.monotonic() - started, 3)}
+async def _report_drain(
+    state: WorkerState, key: str, migrated: int, failed: int, started: float, *, done: bool
+) -> None:
+    report = {
+        "migrated": migrated,
+        "failed": failed,
+        "done": done,
+        "seconds": round(time.monotonic() - started, 3),
+    }
     with contextlib.suppress(Exception):
-        await state.node.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()},
-                                           86400)
+        await state.node.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()}, 86400)

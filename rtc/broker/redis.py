@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from rtc import keys, metrics
 from rtc.broker import scripts
@@ -86,7 +87,7 @@ class RedisBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self._redis.aclose()
 
     async def ping(self) -> bool:
@@ -120,7 +121,7 @@ class RedisBroker:
         now = int(time.time() * 1000)
         with _Timed("heartbeat"):
             live = await self._redis.zrangebyscore(keys.RING, now, "+inf")
-        return [s.decode() for s in live]
+        return [_text(s) for s in live]
 
     async def leave_ring(self, slot: str) -> None:
         with _Timed("heartbeat"):
@@ -178,7 +179,7 @@ class RedisBroker:
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, OSError, ConnectionError) as exc:
                 log.warning("pubsub connection lost: %s; reconnecting", exc)
                 metrics.PUBSUB_RECONNECTS.labels(self._worker).inc()
                 metrics.REDIS_UP.labels(self._worker).set(0)
@@ -237,10 +238,13 @@ class RedisBroker:
         if upto <= after:
             return []
         with _Timed("history"):
-            entries = await self._redis.xrange(
-                keys.room_history(room), f"{after + 1}-1", f"{upto}-1"
-            )
-        return [(int(entry_id.split(b"-")[0]), fields[b"f"]) for entry_id, fields in entries]
+            entries = await self._redis.xrange(keys.room_history(room), f"{after + 1}-1", f"{upto}-1")
+        frames: list[tuple[int, bytes]] = []
+        for entry_id, fields in entries or ():
+            frame = (fields or {}).get(b"f")
+            if isinstance(frame, bytes):
+                frames.append((int(_text(entry_id).split("-")[0]), frame))
+        return frames
 
     # -- membership and presence -------------------------------------------------------------
 
@@ -250,8 +254,15 @@ class RedisBroker:
         with _Timed("membership"):
             estimate = await self._scripts["JOIN"](
                 keys=[keys.members(room, slot), keys.member_slots(room), keys.presence(room)],
-                args=[user, slot, ttl, keys.members(room, ""), keys.room_channel(room),
-                      presence, presence_max],
+                args=[
+                    user,
+                    slot,
+                    ttl,
+                    keys.members(room, ""),
+                    keys.room_channel(room),
+                    presence,
+                    presence_max,
+                ],
             )
         return int(estimate)
 
@@ -265,8 +276,7 @@ class RedisBroker:
             return bool(
                 await self._scripts["PRESENCE_GONE"](
                     keys=[keys.member_slots(room), keys.presence(room)],
-                    args=[user, keys.members(room, ""), keys.room_channel(room), presence,
-                          presence_max],
+                    args=[user, keys.members(room, ""), keys.room_channel(room), presence, presence_max],
                 )
             )
 
@@ -295,7 +305,7 @@ class RedisBroker:
         with _Timed("session"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for sid, fields in sessions.items():
-                    pipe.hset(keys.session(sid), mapping=dict(fields))
+                    pipe.hset(keys.session(sid), mapping=_fields(fields))
                     pipe.expire(keys.session(sid), ttl)
                 await pipe.execute()
 
@@ -306,19 +316,19 @@ class RedisBroker:
     async def load_session(self, sid: str) -> dict[str, str]:
         with _Timed("session"):
             raw = await self._redis.hgetall(keys.session(sid))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     # -- host control --------------------------------------------------------------------------
 
     async def set_fields(self, key: str, fields: Mapping[str, str], ttl: int) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=dict(fields))
+            pipe.hset(key, mapping=_fields(fields))
             pipe.expire(key, ttl)
             await pipe.execute()
 
     async def get_fields(self, key: str) -> dict[str, str]:
         raw = await self._redis.hgetall(key)
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     async def delete(self, key: str) -> None:
         await self._redis.delete(key)
@@ -331,3 +341,11 @@ class RedisBroker:
             value, _ = await pipe.execute()
         return int(value)
 
+
+def _text(value: object) -> str:
+    """redis-py answers bytes (decode_responses is off: frames stay bytes end to end)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(fields: Mapping[str, str]) -> dict[FieldT, EncodableT]:
+    return dict(fields.items())

@@ -22,16 +22,21 @@ end
 """
 
 # KEYS: meta, log   ARGV: ttl
-OPEN_ROOM = _ENSURE_EPOCH + """
+OPEN_ROOM = (
+    _ENSURE_EPOCH
+    + """
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return {tonumber(redis.call('HGET', KEYS[1], 'seq')), epoch}
 """
+)
 
 # KEYS: meta, log, dedup keys...   ARGV: channel, maxlen, ttl, n, then per message
 # head, tail, ts, dedup key index (0: none). Sequences a batch: HINCRBY, XADD and one
 # PUBLISH of all new records, `<seq> <ts> <frame>` joined by newlines. A retried publish
 # (same dedup key) gets its earlier seq back and is not published twice.
-SEQUENCE = _ENSURE_EPOCH + """
+SEQUENCE = (
+    _ENSURE_EPOCH
+    + """
 local channel, maxlen, ttl, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local result = {epoch}
 local records = {}
@@ -55,6 +60,7 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return result
 """
+)
 
 # KEYS: my members hash, slots set, presence hash
 # ARGV: user, slot, ttl, members-key prefix, channel, presence frame, presence max
