@@ -1,0 +1,151 @@
+"""The Redis broker against a real redis-server: scripts, history, membership, pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from rtc import keys
+from rtc.broker import RedisBroker
+from rtc.broker.base import Unsequenced
+from rtc.protocol import message_halves
+from tests.rtcproc import RedisServer
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Recorder:
+    """A BrokerHandler that keeps what pub/sub delivered."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+        self.resubscribed: list[bytes] = []
+        self.came_back = asyncio.Event()
+
+    def on_channel_message(self, channel: bytes, payload: bytes) -> None:
+        self.messages.put_nowait((channel, payload))
+
+    def on_resubscribed(self, channel: bytes) -> None:
+        self.resubscribed.append(channel)
+        self.came_back.set()
+
+
+@pytest.fixture
+async def broker(fresh_redis: RedisServer) -> AsyncIterator[tuple[RedisBroker, Recorder]]:
+    recorder = Recorder()
+    broker = RedisBroker(fresh_redis.url, recorder, "0")
+    await broker.start()
+    yield broker, recorder
+    await broker.close()
+
+
+def item(room: str, text: str, dedup: str | None = None) -> Unsequenced:
+    head, tail = message_halves(room, "u", orjson.dumps(text), 1000)
+    return Unsequenced(head, tail, 1000, dedup)
+
+
+async def test_two_brokers_sequencing_one_room_never_share_a_seq(fresh_redis: RedisServer) -> None:
+    """Both believe they own the room (a stale ring): Redis still hands out 1..N once each."""
+    brokers = [RedisBroker(fresh_redis.url, Recorder(), str(i)) for i in range(2)]
+    for b in brokers:
+        await b.start()
+    try:
+        results = await asyncio.gather(*(
+            b.sequence("contested", [item("contested", f"{i}-{n}") for n in range(5)], 1000, 60)
+            for i in range(20) for b in brokers))
+        seqs = sorted(s for r in results for s in r.seqs)
+        assert seqs == list(range(1, 201))
+        assert len({r.epoch for r in results}) == 1
+    finally:
+        for b in brokers:
+            await b.close()
+
+
+async def test_sequence_publishes_spliced_frames_and_keeps_history(broker: tuple[RedisBroker, Recorder]) -> None:
+    b, recorder = broker
+    await b.subscribe(keys.room_channel("r"))
+    result = await b.sequence("r", [item("r", "a"), item("r", "b")], 1000, 60)
+    assert result.seqs == [1, 2]
+    channel, payload = await asyncio.wait_for(recorder.messages.get(), 5)
+    assert channel == keys.room_channel("r").encode()
+    records = payload.split(b"\n")
+    assert [r.split(b" ", 2)[0] for r in records] == [b"1", b"2"]
+    frame = orjson.loads(records[1].split(b" ", 2)[2])
+    assert frame == {"type": "message", "room": "r", "seq": 2, "from": "u", "data": "b", "ts": 1000}
+    history = await b.history("r", 0, 2)
+    assert [seq for seq, _ in history] == [1, 2]
+    assert orjson.loads(history[0][1])["data"] == "a"
+    assert await b.history("r", 1, 2) == history[1:]
+
+
+async def test_retry_with_the_same_dedup_key_is_sequenced_once(broker: tuple[RedisBroker, Recorder]) -> None:
+    b, _ = broker
+    first = await b.sequence("d", [item("d", "x", dedup="sess:1")], 1000, 60)
+    again = await b.sequence("d", [item("d", "x", dedup="sess:1"), item("d", "y", dedup="sess:2")], 1000, 60)
+    assert first.seqs == [1] and again.seqs == [1, 2]
+    assert [seq for seq, _ in await b.history("d", 0, 10)] == [1, 2]
+
+
+async def test_history_is_bounded_by_size(broker: tuple[RedisBroker, Recorder]) -> None:
+    b, _ = broker
+    for n in range(12):
+        await b.sequence("small", [item("small", str(n))], 5, 60)
+    assert [seq for seq, _ in await b.history("small", 0, 12)] == [8, 9, 10, 11, 12]
+
+
+async def test_epoch_changes_when_redis_loses_the_room(broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer) -> None:
+    b, _ = broker
+    seq, epoch = await b.open_room("e", 60)
+    assert seq == 0
+    await b.sequence("e", [item("e", "1")], 1000, 60)
+    assert (await b.open_room("e", 60)) == (1, epoch)
+    fresh_redis.cli("FLUSHALL")
+    seq2, epoch2 = await b.open_room("e", 60)
+    assert seq2 == 0 and epoch2 != epoch
+    assert (await b.sequence("e", [item("e", "again")], 1000, 60)).seqs == [1]
+
+
+async def test_members_presence_and_dead_slots(broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer) -> None:
+    b, recorder = broker
+    await b.subscribe(keys.room_channel("m"))
+    assert await b.join("m", "h:0", "alice", b'{"p":"alice"}', 100, 15) == 1
+    await b.join("m", "h:1", "alice", b'{"p":"alice again"}', 100, 15)
+    await b.join("m", "h:1", "bob", b'{"p":"bob"}', 100, 15)
+    announced = [(await asyncio.wait_for(recorder.messages.get(), 5))[1] for _ in range(2)]
+    assert announced == [b'0 0 {"p":"alice"}', b'0 0 {"p":"bob"}']  # alice announced once
+    assert await b.members("m", 1000) == (2, ["alice", "bob"])
+    assert await b.members("m", 1) == (2, ["alice"])
+    assert await b.leave("m", "h:0", "alice") is True
+    assert await b.presence_gone("m", "alice", b"gone", 100) is False  # still on h:1
+    fresh_redis.cli("DEL", keys.members("m", "h:1"))  # h:1 died: its key expired
+    assert await b.presence_gone("m", "alice", b"gone", 100) is True
+    assert await b.members("m", 1000) == (0, [])
+    assert fresh_redis.cli("SMEMBERS", keys.member_slots("m")).split() == []  # dead slots pruned
+
+
+async def test_ring_heartbeats_and_duplicate_slot(broker: tuple[RedisBroker, Recorder]) -> None:
+    from rtc.broker import SlotTaken
+
+    b, _ = broker
+    assert await b.heartbeat("n:0", "instance-a", 3000) == ["n:0"]
+    assert await b.heartbeat("n:1", "instance-a", 3000) == ["n:0", "n:1"]
+    with pytest.raises(SlotTaken):
+        await b.heartbeat("n:0", "instance-b", 3000)
+    await b.leave_ring("n:0")
+    assert await b.live_slots() == ["n:1"]
+
+
+async def test_killed_pubsub_connection_is_reestablished_and_reported(
+    broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
+) -> None:
+    b, recorder = broker
+    channel = keys.room_channel("k")
+    await b.subscribe(channel)
+    fresh_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+    await asyncio.wait_for(recorder.came_back.wait(), 10)
+    assert recorder.resubscribed == [channel.encode()]
+    assert await b.publish_many([(channel, b"after")]) == [1]
+    assert (await asyncio.wait_for(recorder.messages.get(), 5))[1] == b"after"
