@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from rtc import keys, metrics
-from rtc.broker import RedisBroker
+from rtc.broker import make_broker
 from rtc.broker.base import Unsequenced
 from rtc.config import Settings
 from rtc.connection import Connection
@@ -94,7 +94,7 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushes: set[asyncio.Task[None]] = set()  # sequencing and forwarding in flight
         self.on_control: Callable[[bytes], None] = lambda _: None
-        self.broker = RedisBroker(_redis_url(settings), self, worker)
+        self.broker = make_broker(settings, self, worker)
         self._fanout_received = metrics.FANOUT_RECEIVED.labels(worker)
         self._deliveries = metrics.DELIVERIES.labels(worker)
         self._forwarded = metrics.FORWARDED.labels(worker)
@@ -609,11 +609,3 @@ def _fail(conn: Connection, code: ErrorCode, message: str, request_id: RequestId
     metrics.ERRORS.inc()
     conn.send(encode_error(code, message, request_id))
 
-
-def _redis_url(settings: Settings) -> str:
-    if settings.redis_url:
-        return settings.redis_url
-    if settings.redis_cluster:
-        return settings.redis_cluster[0]
-    assert settings.runtime_dir is not None
-    return "unix://" + settings.runtime_dir + "/redis.sock"

@@ -52,9 +52,11 @@ def handmade(header: dict[str, Any], payload: dict[str, Any], sign: Callable[[by
 
 
 def public_pem(private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
-    return private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def test_flipped_payload_byte() -> None:
     header, payload, signature = hs256().split(".")
     tampered = b64(orjson.dumps(claims(sub="mallory")))
     assert tampered != payload
-    rejected(verifier(), ".".join((header, tampered, signature)))
+    rejected(verifier(), f"{header}.{tampered}.{signature}")
 
 
 def test_other_pinned_hmac_algorithm_refuses_hs256() -> None:
@@ -132,6 +134,26 @@ def test_missing_exp() -> None:
 @pytest.mark.parametrize("exp", ["soon", True, [1]])
 def test_exp_not_a_number(exp: Any) -> None:
     rejected(verifier(), hs256(exp=exp))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"sub":"alice","exp":Infinity}',
+        b'{"sub":"alice","exp":NaN}',
+        b'{"sub":"alice","exp":1e400}',
+        b'{"sub":"alice","exp":1' + b"0" * 400 + b"}",
+        b'{"sub":"alice","exp":1900000000,"nbf":NaN}',
+        b'{"sub":"alice","exp":1900000000,"iat":NaN}',
+    ],
+    ids=["exp-Infinity", "exp-NaN", "exp-1e400", "exp-huge-int", "nbf-NaN", "iat-NaN"],
+)
+def test_non_finite_time_claims(payload: bytes) -> None:
+    """PyJWT reads JSON with Python's json, which takes NaN, Infinity and huge integers."""
+    header = b64(b'{"alg":"HS256","typ":"JWT"}')
+    signing_input = header + "." + b64(payload)
+    signature = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    rejected(verifier(), signing_input + "." + b64(signature))
 
 
 @pytest.mark.parametrize("age", [LEEWAY_SECONDS + 1, 3600])
@@ -209,7 +231,8 @@ def test_key_confusion_rsa_public_key_as_hmac_secret(rsa_key: rsa.RSAPrivateKey)
     pem = public_pem(rsa_key)
     check = verifier(jwt_algorithms=("RS256",), jwt_public_key=pem, jwt_secret=None)
     forged = handmade(
-        {"alg": "HS256", "typ": "JWT"}, claims(),
+        {"alg": "HS256", "typ": "JWT"},
+        claims(),
         lambda data: hmac.new(pem.encode(), data, hashlib.sha256).digest(),
     )
     rejected(check, forged)
@@ -258,8 +281,16 @@ def test_sub_wins_over_user_id() -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"sub": None}, {"sub": ""}, {"sub": "a@b"}, {"sub": "@alice"}, {"sub": "x" * 129},
-     {"sub": 42}, {"sub": None, "user_id": 42}, {"sub": None, "user_id": "a@b"}],
+    [
+        {"sub": None},
+        {"sub": ""},
+        {"sub": "a@b"},
+        {"sub": "@alice"},
+        {"sub": "x" * 129},
+        {"sub": 42},
+        {"sub": None, "user_id": 42},
+        {"sub": None, "user_id": "a@b"},
+    ],
 )
 def test_unusable_subject(changes: dict[str, Any]) -> None:
     rejected(verifier(), hs256(**changes))
@@ -357,7 +388,9 @@ def test_mint_is_accepted_by_the_verifier() -> None:
 
 def test_mint_defaults() -> None:
     token = mint(SECRET, "carol", now=NOW)
-    decoded = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_iat": False})
+    decoded = jwt.decode(
+        token, SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_iat": False}
+    )
     assert decoded == {"sub": "carol", "iat": int(NOW), "exp": int(NOW) + 3600}
     assert verifier().verify(token) == Principal("carol", int(NOW) + 3600)
 

@@ -35,12 +35,8 @@ def _free_port() -> int:
 
 
 def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert result.returncode == 0, (
-        f"{argv[:4]} exited {result.returncode}:\n{result.stderr}"
-    )
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, f"{argv[:4]} exited {result.returncode}:\n{result.stderr}"
     return result
 
 
@@ -53,29 +49,16 @@ def bare() -> Iterator[tuple[str, int]]:
     """The bare-aiohttp baseline: (root URL, PID)."""
     port = _free_port()
     proc = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "bench.baselines.bare_aiohttp",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=REPO,
+        [PYTHON, "-m", "bench.baselines.bare_aiohttp", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO
     )
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/health", timeout=1
-                ):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
                     break
             except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, (
-                    "bare did not start"
-                )
+                assert time.monotonic() < deadline and proc.poll() is None, "bare did not start"
                 time.sleep(0.1)
         yield f"ws://127.0.0.1:{port}", proc.pid
     finally:
@@ -161,9 +144,7 @@ def test_compare_bare_and_socketio(tmp_path: Path) -> None:
         churn = results[server]["churn"]
         assert churn["cycles"] > 0 and churn["failed"] == 0, churn
     assert (out / "latency-vs-load.png").stat().st_size > 0
-    assert (
-        "| figure | bare | socketio | bare/socketio |" in (out / "table.md").read_text()
-    )
+    assert "| figure | bare | socketio | bare/socketio |" in (out / "table.md").read_text()
     assert "churn: connect+close cycles/s" in run.stdout
 
 

@@ -18,7 +18,10 @@ from rtc.config import SEED_FALLBACKS
 SECRET = "cli-test-secret-0123456789abcdef0123456789"
 # Variables that would change what rtc reads; the tests give each run exactly what it needs.
 SCRUBBED = {name for names in SEED_FALLBACKS.values() for name in names} | {
-    "CREDENTIALS_DIRECTORY", "RUNTIME_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+    "CREDENTIALS_DIRECTORY",
+    "RUNTIME_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
     "PROMETHEUS_MULTIPROC_DIR",
 }
 
@@ -29,11 +32,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def rtc(*argv: str, env: dict[str, str] | None = None, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
+def rtc(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 15.0
+) -> subprocess.CompletedProcess[str]:
     """Run rtc in a session of its own, so a hang is killed with everything it started."""
     with subprocess.Popen(
-        [sys.executable, "-m", "rtc", *argv], env=clean_env() if env is None else env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, "-m", "rtc", *argv],
+        env=clean_env() if env is None else env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -138,8 +147,17 @@ def test_serve_on_a_port_in_use(tmp_path: Path) -> None:
         holder.listen()
         port = holder.getsockname()[1]
         result = rtc(
-            "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-            "--workers", "1", "--runtime-dir", str(tmp_path / "run"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--workers",
+            "1",
+            "--runtime-dir",
+            str(tmp_path / "run"),
             env=clean_env(JWT_SECRET=SECRET),
         )
     line = assert_one_line_error(result)

@@ -71,10 +71,16 @@ def test_flag_beats_env() -> None:
 
 
 def test_env_of_every_kind() -> None:
-    s = settings(env={
-        **BASE, "RTC_RATE": "2.5", "RTC_ALLOWED_ORIGINS": "https://a.example, https://b.example,",
-        "RTC_DEMO": "off", "RTC_DRAIN_INTERVAL": "0.5", "RTC_MAX_ROOMS": "7",
-    })
+    s = settings(
+        env={
+            **BASE,
+            "RTC_RATE": "2.5",
+            "RTC_ALLOWED_ORIGINS": "https://a.example, https://b.example,",
+            "RTC_DEMO": "off",
+            "RTC_DRAIN_INTERVAL": "0.5",
+            "RTC_MAX_ROOMS": "7",
+        }
+    )
     assert s.rate == 2.5
     assert s.allowed_origins == ("https://a.example", "https://b.example")
     assert s.demo is False
@@ -95,7 +101,10 @@ def test_boolean_flags() -> None:
 
 def test_rtc_jwt_secret_beats_seed_name() -> None:
     assert settings(env={"JWT_SECRET": "seed", "RTC_JWT_SECRET": "rtc"}).jwt_secret == "rtc"
-    assert settings("--jwt-secret", "flag", env={"JWT_SECRET": "seed", "RTC_JWT_SECRET": "rtc"}).jwt_secret == "flag"
+    assert (
+        settings("--jwt-secret", "flag", env={"JWT_SECRET": "seed", "RTC_JWT_SECRET": "rtc"}).jwt_secret
+        == "flag"
+    )
 
 
 def test_seed_names() -> None:
@@ -104,9 +113,18 @@ def test_seed_names() -> None:
 
 
 def test_rtc_names_beat_seed_names() -> None:
-    s = settings(env={**BASE, "REDIS_URL": "redis://seed", "RTC_REDIS_URL": "redis://rtc",
-                      "MAX_CONNECTIONS": "5", "RTC_MAX_CONNECTIONS": "6",
-                      "NODE_ID": "seed", "POD_NAME": "pod", "RTC_NODE_ID": "rtc"})
+    s = settings(
+        env={
+            **BASE,
+            "REDIS_URL": "redis://seed",
+            "RTC_REDIS_URL": "redis://rtc",
+            "MAX_CONNECTIONS": "5",
+            "RTC_MAX_CONNECTIONS": "6",
+            "NODE_ID": "seed",
+            "POD_NAME": "pod",
+            "RTC_NODE_ID": "rtc",
+        }
+    )
     assert (s.redis_url, s.max_connections, s.node_id) == ("redis://rtc", 6, "rtc")
 
 
@@ -174,12 +192,21 @@ def test_secrets_are_not_in_repr() -> None:
 
 
 def test_systemd_variables() -> None:
-    s = settings(env={**BASE, "RUNTIME_DIRECTORY": "/run/rtc:/run/other", "NOTIFY_SOCKET": "@notify",
-                      "WATCHDOG_USEC": "20000000"})
+    s = settings(
+        env={
+            **BASE,
+            "RUNTIME_DIRECTORY": "/run/rtc:/run/other",
+            "NOTIFY_SOCKET": "@notify",
+            "WATCHDOG_USEC": "20000000",
+        }
+    )
     assert s.runtime_dir == "/run/rtc"
     assert s.notify_socket == "@notify"
     assert s.watchdog_usec == 20_000_000
-    assert settings("--runtime-dir", "/tmp/x", env={**BASE, "RUNTIME_DIRECTORY": "/run/rtc"}).runtime_dir == "/tmp/x"
+    assert (
+        settings("--runtime-dir", "/tmp/x", env={**BASE, "RUNTIME_DIRECTORY": "/run/rtc"}).runtime_dir
+        == "/tmp/x"
+    )
 
 
 def test_bad_watchdog_usec() -> None:
@@ -234,9 +261,24 @@ def test_bad_env_values_name_the_variable() -> None:
 
 
 def test_accepted_edge_values(tmp_path: Path) -> None:
-    s = settings("--port", "65535", "--metrics-port", "0", "--workers", "256",
-                 "--redis-url", "unix:///run/redis.sock", "--trusted-proxies", "10.0.0.1,::1/128",
-                 "--runtime-dir", str(tmp_path), "--log-format", "json", "--log-level", "debug")
+    s = settings(
+        "--port",
+        "65535",
+        "--metrics-port",
+        "0",
+        "--workers",
+        "256",
+        "--redis-url",
+        "unix:///run/redis.sock",
+        "--trusted-proxies",
+        "10.0.0.1,::1/128",
+        "--runtime-dir",
+        str(tmp_path),
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+    )
     assert (s.port, s.metrics_port, s.workers) == (65535, 0, 256)
     assert s.trusted_proxies == ("10.0.0.1", "::1/128")
     assert settings("--redis-url", "rediss://h:6380/1").redis_url == "rediss://h:6380/1"

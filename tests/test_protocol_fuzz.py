@@ -10,20 +10,31 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtc.errors import ErrorCode, ProtocolError
-from rtc.protocol import Command, Direct, Join, Publish, direct_halves, encode, message_halves, parse
+from rtc.protocol import (
+    Command,
+    Direct,
+    Join,
+    Publish,
+    direct_halves,
+    encode,
+    message_halves,
+    parse,
+)
 
 # No example database: the suite leaves nothing behind in the work tree.
-FUZZ = settings(max_examples=200, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 TYPES = ["join", "leave", "publish", "direct", "members", "refresh", "ping", "nope", ""]
 FIELDS = ["type", "id", "room", "to", "data", "since", "epoch", "token"]
 
 # orjson writes text without lone surrogates and integers of 64 bits.
-texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
 scalars = (
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | texts
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | texts
 )
 json_values = st.recursive(
     scalars,
@@ -116,7 +127,18 @@ def test_encode_round_trips(kind: str, request_id: str | int | None, fields: dic
 def test_halves_round_trip(room: str, sender: str, data: Any, ts: int, seq: int) -> None:
     head, tail = message_halves(room, sender, orjson.dumps(data), ts)
     assert orjson.loads(head + b"%d" % seq + tail) == {
-        "type": "message", "room": room, "seq": seq, "from": sender, "data": data, "ts": ts}
+        "type": "message",
+        "room": room,
+        "seq": seq,
+        "from": sender,
+        "data": data,
+        "ts": ts,
+    }
     head, tail = direct_halves(sender, orjson.dumps(data), ts)
     assert orjson.loads(head + b"%d" % seq + tail) == {
-        "type": "direct", "from": sender, "seq": seq, "data": data, "ts": ts}
+        "type": "direct",
+        "from": sender,
+        "seq": seq,
+        "data": data,
+        "ts": ts,
+    }

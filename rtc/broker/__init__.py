@@ -2,5 +2,14 @@
 
 from rtc.broker.base import Broker, BrokerHandler, SlotTaken
 from rtc.broker.redis import RedisBroker
+from rtc.config import Settings
 
-__all__ = ["Broker", "BrokerHandler", "RedisBroker", "SlotTaken"]
+__all__ = ["Broker", "BrokerHandler", "RedisBroker", "SlotTaken", "make_broker"]
+
+
+def make_broker(settings: Settings, handler: BrokerHandler, worker: str) -> RedisBroker:
+    """The broker for the configured Redis: a URL, or the embedded server's socket."""
+    if settings.redis_url:
+        return RedisBroker(settings.redis_url, handler, worker)
+    assert settings.runtime_dir is not None, "the supervisor sets the embedded Redis URL"
+    return RedisBroker(f"unix://{settings.runtime_dir}/redis.sock", handler, worker)
