@@ -7,7 +7,7 @@ from rtc.config import Settings
 __all__ = ["Broker", "BrokerHandler", "RedisBroker", "SlotTaken", "make_broker"]
 
 
-def make_broker(settings: Settings, handler: BrokerHandler, worker: str) -> RedisBroker:
+def make_broker(settings: Settings, handler: BrokerHandler, worker: str) -> Broker:
     """The broker for the configured Redis: a URL, or the embedded server's socket."""
     if settings.redis_url:
         return RedisBroker(settings.redis_url, handler, worker)

@@ -333,13 +333,6 @@ class RedisBroker:
     async def delete(self, key: str) -> None:
         await self._redis.delete(key)
 
-    async def incr_shared(self, key: str, delta: int, ttl: int) -> int:
-        """A host-wide counter (connection cap) shared by the workers."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(key, delta)
-            pipe.expire(key, ttl)
-            value, _ = await pipe.execute()
-        return int(value)
 
 
 def _text(value: object) -> str:
