@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,10 +92,16 @@ class Verifier:
 
 
 def _number(claims: dict[str, Any], name: str) -> float | None:
+    """A finite number, else None: PyJWT parses with `json`, which also yields NaN,
+    Infinity and integers too large for a float."""
     value = claims.get(name)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def token_from_request(query_token: str | None, authorization: str | None) -> str:

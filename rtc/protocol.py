@@ -157,7 +157,11 @@ def _name(obj: dict[str, Any], key: str) -> str:
 def _data(obj: dict[str, Any]) -> bytes:
     if "data" not in obj:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'data' is required")
-    return orjson.dumps(obj["data"])
+    try:
+        return orjson.dumps(obj["data"])
+    except orjson.JSONEncodeError:
+        # orjson reads 1024 levels of nesting but writes only 254.
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'data' is nested too deeply") from None
 
 
 def encode(kind: str, request_id: RequestId = None, **fields: Any) -> bytes:
