@@ -1,0 +1,1 @@
+"""Servers rtc is measured against; each speaks what the load generator needs."""
