@@ -38,7 +38,7 @@ from rtc.protocol import (
     inbox,
     parse,
 )
-from rtc.ratelimit import TokenBucket
+from rtc.ratelimit import AbuseWindow, TokenBucket
 
 __all__ = ["STATE", "WorkerState", "build_app", "client_address", "drain_report", "require_admin"]
 
@@ -319,6 +319,8 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     if not conn.bucket.take(now):
         metrics.RATE_LIMIT_DENIED.inc()
         _send_error(conn, ErrorCode.RATE_LIMITED, "slow down")
+        if conn.abuse is None:
+            conn.abuse = AbuseWindow()
         if conn.abuse.deny(now):
             conn.close_soon(CloseCode.POLICY, "rate limit abuse")
         return

@@ -71,7 +71,7 @@ class Connection:
         self.session = session
         self.peer = peer
         self.bucket = bucket
-        self.abuse = AbuseWindow()
+        self.abuse: AbuseWindow | None = None  # made on the first denial: most never need it
         self.rooms: set[str] = set()
         # Rooms being replayed: live frames wait here until the replay has been sent.
         self.held: dict[str, list[bytes]] = {}
