@@ -10,8 +10,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -62,7 +61,6 @@ class WorkerState:
     opening: int = 0  # upgrades accepted whose `welcome` is not sent yet
     open_count: int = 0
     drain_task: asyncio.Task[None] | None = None
-    per_ip: Counter[str] = field(default_factory=Counter)
 
 
 STATE = web.AppKey("state", WorkerState)
@@ -170,7 +168,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         log.info("handshake refused: %s", exc)
         raise _reject(401, "auth", "missing, invalid or expired token") from None
     address = client_address(request, settings)
-    if settings.max_connections_per_ip and state.per_ip[address] >= settings.max_connections_per_ip:
+    if (
+        settings.max_connections_per_ip
+        and state.host_connections.from_address(address) >= settings.max_connections_per_ip
+    ):
         raise _reject(429, "per_ip", "too many connections from this address")
 
     state.opening += 1
@@ -193,7 +194,7 @@ async def _upgrade(
     )
     await ws.prepare(request)
     assert request.transport is not None
-    state.per_ip[address] += 1
+    state.host_connections.add_address(state.slot_index, address, 1)
     conn = Connection(
         ws,
         request.transport,
@@ -221,9 +222,7 @@ async def _upgrade(
         await _serve(state, conn)
     finally:
         expiry.cancel()
-        state.per_ip[address] -= 1
-        if not state.per_ip[address]:
-            del state.per_ip[address]
+        state.host_connections.add_address(state.slot_index, address, -1)
         metrics.ACTIVE_CONNECTIONS.dec()
         connections.dec()
         state.open_count -= 1
@@ -300,7 +299,11 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
             await _final_checkpoint(state, [conn])
             await ws.close()
             return
-        else:  # CLOSING (our own close), CLOSED, ERROR (e.g. 1009 already sent)
+        elif msg.type is WSMsgType.ERROR:  # a bad frame: aiohttp has sent 1009 or 1002
+            metrics.ERRORS.inc()
+            metrics.FRAMES_REFUSED.labels(str(getattr(msg.data, "code", 1006))).inc()
+            return
+        else:  # CLOSING (our own close), CLOSED
             return
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "FANOUT_RECEIVED",
     "FANOUT_SIZE",
     "FORWARDED",
+    "FRAMES_REFUSED",
     "GAPS_FILLED",
     "GAPS_REPORTED",
     "HANDSHAKE_REJECTED",
@@ -86,6 +87,9 @@ DRAINS = Counter("rtc_drains", "Drains started (per worker)")
 MIGRATED = Counter("rtc_migrated_connections", "Connections closed by a drain", ("result",))
 SLOW_CONSUMERS = Counter("rtc_slow_consumer_disconnects", "Connections closed 1013", _WORKER)
 HANDSHAKE_REJECTED = Counter("rtc_handshake_rejected", "Upgrades refused", ("reason",))
+FRAMES_REFUSED = Counter(
+    "rtc_frames_refused", "Connections closed for a bad incoming frame, by close code", ("code",)
+)
 ERROR_FRAMES = Counter("rtc_errors", "Error frames sent, by code", ("code",))
 WORKER_RESTARTS = Counter("rtc_worker_restarts", "Workers replaced after dying")
 RING_SLOTS = Gauge("rtc_ring_slots", "Live slots in the ring", multiprocess_mode="livemax")
@@ -111,6 +115,8 @@ def declare_label_values() -> None:
         ERROR_FRAMES.labels(code.value)
     for reason in HANDSHAKE_REASONS:
         HANDSHAKE_REJECTED.labels(reason)
+    for close_code in ("1002", "1007", "1009"):
+        FRAMES_REFUSED.labels(close_code)
     for result in ("migrated", "failed"):
         MIGRATED.labels(result)
     for op in REDIS_OPS:

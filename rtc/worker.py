@@ -120,7 +120,7 @@ class _Worker:
         except Exception as exc:
             log.error("cannot reach Redis: %s", exc)
             return EXIT_BOOT
-        self.spec.host_connections.set(self.spec.index, 0)
+        self.spec.host_connections.reset(self.spec.index)
         state = WorkerState(
             self.settings,
             node,
@@ -132,7 +132,14 @@ class _Worker:
         node.on_control = lambda command: self._on_control(state, command)
         app = build_app(state)
         runner = web.AppRunner(
-            app, handle_signals=False, access_log_class=_AccessLogger, shutdown_timeout=1.0
+            app,
+            handle_signals=False,
+            access_log_class=_AccessLogger,
+            shutdown_timeout=1.0,
+            # aiohttp closes a connection that has not completed a request within this (from
+            # accept, and between keep-alive requests): the handshake deadline. Upgraded
+            # WebSockets are not affected (their request is in progress).
+            keepalive_timeout=self.settings.handshake_timeout,
         )
         await runner.setup()
         site = web.SockSite(runner, self.spec.sock)
