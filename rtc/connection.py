@@ -92,8 +92,8 @@ class Connection:
 
     def send_wire(self, wire: bytes) -> None:
         """Write an already framed message; close the consumer if it cannot keep up."""
-        if self.closing:
-            return
+        if self.closing or self.transport.is_closing():
+            return  # the peer is gone (e.g. a reset): the handler's `detach` follows
         self.transport.write(wire)
         if self.transport.get_write_buffer_size() > self._limit:
             metrics.SLOW_CONSUMERS.labels(self._worker).inc()

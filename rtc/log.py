@@ -63,6 +63,7 @@ def setup_logging(settings: Settings, worker: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    logging.captureWarnings(True)  # library warnings become log lines (JSON too), not raw stderr
     logging.getLogger("aiohttp.access").setLevel(
         logging.INFO if settings.log_level == "debug" else logging.WARNING
     )

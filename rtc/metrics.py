@@ -48,14 +48,14 @@ ACTIVE_CONNECTIONS = Gauge("active_connections", "Open WebSocket connections", m
 TOTAL_CONNECTIONS = Gauge(
     "total_connections", "WebSocket connections opened since start", multiprocess_mode="sum"
 )
-MESSAGES_SENT = Counter("messages_sent", "Frames sent to clients")
+MESSAGES_SENT = Counter("messages_sent", "Sequenced messages delivered to client sockets")
 MESSAGES_RECEIVED = Counter("messages_received", "Frames received from clients")
 ERRORS = Counter("errors", "Errors: error frames, rejected handshakes, abnormal closes")
 RATE_LIMIT_DENIED = Counter("rate_limit_denied", "Client frames denied by the rate limit")
 
 _WORKER = ("worker",)
 CONNECTIONS = Gauge("rtc_connections", "Open connections per worker", _WORKER, multiprocess_mode="livesum")
-ROOMS = Gauge("rtc_rooms", "Rooms with local members per worker", _WORKER, multiprocess_mode="livesum")
+ROOMS = Gauge("rtc_rooms", "Rooms and inboxes subscribed per worker", _WORKER, multiprocess_mode="livesum")
 JOINS = Counter("rtc_joins", "Room joins", _WORKER)
 FORWARDED = Counter("rtc_forwarded", "Publishes sent to another slot's owner over Redis", _WORKER)
 FANOUT_RECEIVED = Counter(

@@ -402,7 +402,8 @@ class Node:
     def on_channel_message(self, channel: bytes, payload: bytes) -> None:
         room = self._by_channel.get(channel)
         if room is not None:
-            self._fanout_received.inc(payload.count(b"\n") + 1)  # records: one per message
+            if not payload.startswith(b"0 "):  # presence events (`0 0 <frame>`) are no message
+                self._fanout_received.inc(payload.count(b"\n") + 1)  # one record per message
             if room.filling or room.ready is None or not room.ready.done():
                 room.backlog.append(payload)
             else:

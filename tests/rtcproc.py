@@ -29,6 +29,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct free ports: each socket stays bound until all are picked."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def token(user: str, ttl: int = 3600, **claims: object) -> str:
     now = int(time.time())
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl, **claims}, SECRET, "HS256")
@@ -166,7 +175,7 @@ def start_host(
     env: dict[str, str] | None = None,
     wait: bool = True,
 ) -> Host:
-    port, metrics_port = free_port(host), free_port(host)
+    port, metrics_port = free_ports(2, host)
     runtime = Path(tempfile.mkdtemp(prefix="rtc-"))
     log_path = runtime.parent / (runtime.name + ".log")
     command = [*RTC, "serve", "--host", host, "--port", str(port), "--metrics-port",

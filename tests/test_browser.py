@@ -1,9 +1,11 @@
 """The demo and dashboard pages in a real browser (Playwright with Debian's chromium).
 
-Two hosts of one cluster serve ``/demo``: a message typed on one host's page appears on
-the other's, and both pages list both users. A host's ``/dashboard`` follows its
-``active_connections`` as WebSocket clients come and go. Screenshots land in
-``tests/artifacts/`` (git-ignored); their paths are printed.
+Two real hosts of one cluster (``rtc serve --demo``, one Redis) serve ``/demo``: a
+message typed on one host's page appears on the other's, and both pages list both users.
+``#reconnect`` resumes the session: what was published while the page was away is
+replayed, each seq once. A host's ``/dashboard`` follows its ``active_connections`` as
+WebSocket clients come and go. Screenshots land in ``tests/artifacts/`` (git-ignored);
+their paths are printed. A missing playwright or chromium fails the run, never skips it.
 """
 
 from __future__ import annotations
@@ -68,11 +70,7 @@ def admin_token() -> str | None:
 
 
 def chromium_path() -> str:
-    path = (
-        os.environ.get("RTC_CHROMIUM")
-        or shutil.which("chromium")
-        or shutil.which("chromium-browser")
-    )
+    path = os.environ.get("RTC_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if path:
         return path
     pytest.fail("no chromium on PATH (apt-get install chromium, or set RTC_CHROMIUM)")
@@ -119,9 +117,7 @@ async def screenshot(page: Page, artifacts: Path, name: str) -> Path:
     return path
 
 
-async def test_demo_chat_between_two_hosts(
-    two_hosts: list[str], browser: Browser, artifacts: Path
-) -> None:
+async def test_demo_chat_between_two_hosts(two_hosts: list[str], browser: Browser, artifacts: Path) -> None:
     room = f"browser-{uuid.uuid4().hex[:8]}"
     errors = PageErrors()
     context = await browser.new_context(viewport={"width": 1200, "height": 760})
@@ -140,39 +136,25 @@ async def test_demo_chat_between_two_hosts(
 
         # Presence: bob from the members reply; alice from bob's presence join event.
         for page in (alice, bob):
-            await expect(page.locator("#members .member")).to_have_text(
-                ["alice", "bob"]
-            )
+            await expect(page.locator("#members .member")).to_have_text(["alice", "bob"])
         node_a = await alice.locator("#s-node").inner_text()
         node_b = await bob.locator("#s-node").inner_text()
-        assert node_a != node_b, (
-            f"both pages reached node {node_a!r}: the hosts are not distinct"
-        )
+        assert node_a != node_b, f"both pages reached node {node_a!r}: the hosts are not distinct"
 
         hello = f"hello bob, this is alice on {node_a} ({uuid.uuid4().hex[:6]})"
         await alice.locator("#message").fill(hello)
         await alice.locator("#send").click()
-        await expect(
-            bob.locator("#messages .msg").filter(has_text=hello)
-        ).to_have_count(1)
-        await expect(
-            alice.locator("#messages .msg").filter(has_text=hello)
-        ).to_have_count(1)
+        await expect(bob.locator("#messages .msg").filter(has_text=hello)).to_have_count(1)
+        await expect(alice.locator("#messages .msg").filter(has_text=hello)).to_have_count(1)
 
         reply = f"hi alice, bob here on {node_b} ({uuid.uuid4().hex[:6]})"
         await bob.locator("#message").fill(reply)
         await bob.locator("#message").press("Enter")
-        await expect(
-            alice.locator("#messages .msg").filter(has_text=reply)
-        ).to_have_count(1)
+        await expect(alice.locator("#messages .msg").filter(has_text=reply)).to_have_count(1)
 
         # Both pages saw the same two messages in the same order, with the same seqs.
-        seqs_a = await alice.locator("#messages .msg").evaluate_all(
-            "els => els.map(e => e.dataset.seq)"
-        )
-        seqs_b = await bob.locator("#messages .msg").evaluate_all(
-            "els => els.map(e => e.dataset.seq)"
-        )
+        seqs_a = await alice.locator("#messages .msg").evaluate_all("els => els.map(e => e.dataset.seq)")
+        seqs_b = await bob.locator("#messages .msg").evaluate_all("els => els.map(e => e.dataset.seq)")
         assert seqs_a == seqs_b and len(seqs_a) == 2, (seqs_a, seqs_b)
 
         await screenshot(alice, artifacts, "demo-alice")
@@ -194,9 +176,7 @@ async def say(page: Page, text: str) -> None:
 
 
 async def rendered_seqs(page: Page) -> list[int]:
-    seqs: list[str] = await page.locator("#messages .msg").evaluate_all(
-        "els => els.map(e => e.dataset.seq)"
-    )
+    seqs: list[str] = await page.locator("#messages .msg").evaluate_all("els => els.map(e => e.dataset.seq)")
     return [int(s) for s in seqs]
 
 
@@ -216,18 +196,14 @@ async def test_demo_reconnect_resumes_without_loss(
         await open_demo(carol, two_hosts[0], "carol", room)
         await open_demo(dave, two_hosts[1], "dave", room)
         for page in (carol, dave):
-            await expect(page.locator("#members .member")).to_have_text(
-                ["carol", "dave"]
-            )
+            await expect(page.locator("#members .member")).to_have_text(["carol", "dave"])
         session = await carol.evaluate("window.rtcDemo.state.session")
 
         before = [f"before reconnect {i} ({uuid.uuid4().hex[:6]})" for i in range(2)]
         for text in before:
             await say(dave, text)
         for text in before:
-            await expect(
-                carol.locator("#messages .msg").filter(has_text=text)
-            ).to_have_count(1)
+            await expect(carol.locator("#messages .msg").filter(has_text=text)).to_have_count(1)
         assert await rendered_seqs(carol) == [1, 2]
 
         # From now on carol's new sockets wait for `release` before reaching the server.
@@ -259,25 +235,19 @@ async def test_demo_reconnect_resumes_without_loss(
         await expect(carol.locator("#s-recovered")).to_have_text("yes")
         assert await carol.evaluate("window.rtcDemo.state.session") == session
         for text in missed:
-            await expect(
-                carol.locator("#messages .msg.replayed").filter(has_text=text)
-            ).to_have_count(1)
+            await expect(carol.locator("#messages .msg.replayed").filter(has_text=text)).to_have_count(1)
         await expect(carol.locator("#s-seq")).to_have_text("5")
 
         # Live delivery goes on after the resume, both ways.
         after = f"carol is back ({uuid.uuid4().hex[:6]})"
         await say(carol, after)
         for page in (carol, dave):
-            await expect(
-                page.locator("#messages .msg").filter(has_text=after)
-            ).to_have_count(1)
+            await expect(page.locator("#messages .msg").filter(has_text=after)).to_have_count(1)
         assert await rendered_seqs(carol) == [1, 2, 3, 4, 5, 6]
         assert await rendered_seqs(dave) == [1, 2, 3, 4, 5, 6]
         # A resume is not a leave: dave still lists carol, and saw no leave event.
         await expect(dave.locator("#members .member")).to_have_text(["carol", "dave"])
-        assert await dave.locator("#messages .note").filter(
-            has_text="carol left."
-        ).count() == 0
+        assert await dave.locator("#messages .note").filter(has_text="carol left.").count() == 0
         assert len(routed) == 1, routed  # one reconnect, no retry loop
 
         await screenshot(carol, artifacts, "demo-resumed-carol")
@@ -293,9 +263,7 @@ async def connect_clients(
     ws_base = "ws" + base.removeprefix("http")
     clients = []
     for i in range(n):
-        async with session.post(
-            f"{base}/demo/token", json={"user": f"dash-{i}"}
-        ) as resp:
+        async with session.post(f"{base}/demo/token", json={"user": f"dash-{i}"}) as resp:
             assert resp.status == 200, await resp.text()
             token = (await resp.json())["token"]
         ws = await session.ws_connect(f"{ws_base}/ws?token={token}")
@@ -305,12 +273,10 @@ async def connect_clients(
     return clients
 
 
-async def settled_number(
-    page: Page, selector: str, quiet: float = 2.5, timeout: float = 30
-) -> int:
+async def settled_number(page: Page, selector: str, quiet: float = 2.5, within: float = 30) -> int:
     """The number shown at selector once it has not changed for ``quiet`` seconds."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     value, since = None, loop.time()
     while loop.time() < deadline:
         text = (await page.locator(selector).inner_text()).strip()
@@ -325,7 +291,8 @@ async def settled_number(
 
 async def wait_number(page: Page, selector: str, predicate: str, n: int) -> None:
     await page.wait_for_function(
-        f"([sel, n]) => {{ const v = Number(document.querySelector(sel).textContent); return v {predicate} n; }}",
+        "([sel, n]) => { const v = Number(document.querySelector(sel).textContent); "
+        f"return v {predicate} n; }}",
         arg=[selector, n],
         timeout=15_000,
     )
@@ -336,9 +303,7 @@ async def test_dashboard_follows_connections(
 ) -> None:
     base = two_hosts[0]
     errors = PageErrors()
-    page = errors.watch(
-        await browser.new_page(viewport={"width": 1200, "height": 800}), "dashboard"
-    )
+    page = errors.watch(await browser.new_page(viewport={"width": 1200, "height": 800}), "dashboard")
     query = f"?token={admin_token}" if admin_token else ""
     resp = await page.goto(f"{base}/dashboard{query}")
     assert resp is not None and resp.status == 200, resp and resp.status
@@ -352,9 +317,7 @@ async def test_dashboard_follows_connections(
     async with aiohttp.ClientSession() as session:
         clients = await connect_clients(session, base, extra)
         try:
-            await expect(page.locator("#active-connections")).to_have_text(
-                str(before + extra)
-            )
+            await expect(page.locator("#active-connections")).to_have_text(str(before + extra))
             await wait_number(page, "#total-connections", ">=", total_before + extra)
             await screenshot(page, artifacts, "dashboard-connected")
         finally:
