@@ -233,6 +233,16 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _cluster_seed(url: str) -> bool:
+    """A Redis Cluster seed: redis://[user:password@]host[:port][/0]."""
+    parsed = urlparse(url)
+    try:
+        port_ok = parsed.port != 0  # None: the default 6379
+    except ValueError:  # not a number, or out of range
+        return False
+    return port_ok and parsed.scheme == "redis" and bool(parsed.hostname) and parsed.path in ("", "/", "/0")
+
+
 def _validate(s: Settings) -> None:
     _require(1 <= s.port <= 65535, f"--port: {s.port} is not a TCP port")
     _require(0 <= s.metrics_port <= 65535, f"--metrics-port: {s.metrics_port} is not a TCP port")
@@ -245,9 +255,9 @@ def _validate(s: Settings) -> None:
     if s.redis_url:
         scheme = urlparse(s.redis_url).scheme
         _require(scheme in {"redis", "rediss", "unix"}, f"--redis-url: unsupported scheme {scheme!r}")
+    _require(not (s.redis_url and s.redis_cluster), "--redis-cluster: not together with --redis-url")
     for url in s.redis_cluster:
-        _require(urlparse(url).scheme == "redis", f"--redis-cluster: {url!r} is not a redis:// URL")
-    _require(not s.redis_cluster, "--redis-cluster: Redis Cluster is not supported by this version yet")
+        _require(_cluster_seed(url), f"--redis-cluster: {url!r} is not redis://HOST[:PORT] (only db 0)")
     unknown = set(s.jwt_algorithms) - HMAC_ALGORITHMS - PUBLIC_KEY_ALGORITHMS
     _require(bool(s.jwt_algorithms) and not unknown, f"--jwt-algorithms: unsupported {sorted(unknown)}")
     hmac = set(s.jwt_algorithms) & HMAC_ALGORITHMS

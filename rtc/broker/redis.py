@@ -1,9 +1,15 @@
-"""The Redis broker: scripts for seq/history/membership, one pub/sub connection per worker.
+"""The Redis brokers' shared core, and the broker for one Redis server.
 
-The pub/sub reader is the only consumer of subscribed channels. It tracks which
+`RedisCore` holds everything that is the same on one server and on Redis Cluster: the
+scripts for seq/history/membership, ring, sessions and host control, and the pub/sub
+reader. Subclasses say how to reach Redis, which command fans out (PUBLISH or SPUBLISH)
+and how a channel is (un)subscribed.
+
+A reader is the only consumer of its pub/sub connection. The core tracks which
 subscriptions Redis has confirmed; a second confirmation of a channel means the
-connection was re-established (by redis-py or by the watchdog here), so the handler
-is told that messages may have been missed and fills the hole from history.
+subscription was re-established (by redis-py, by the watchdog here, or on another
+cluster node), so the handler is told that messages may have been missed and fills the
+hole from history.
 """
 
 from __future__ import annotations
@@ -12,26 +18,43 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.typing import EncodableT, FieldT
 
 from rtc import keys, metrics
 from rtc.broker import scripts
 from rtc.broker.base import BrokerHandler, Sequenced, SlotTaken, Unsequenced
 
-__all__ = ["RedisBroker"]
+__all__ = ["LOST", "RedisBroker", "RedisCore", "client_options", "stop_task"]
 
 log = logging.getLogger("rtc.broker")
 
 _PING_EVERY = 5.0
 _SILENCE_LIMIT = 15.0  # no reply to a PING this long: the pub/sub connection is dead
 _TIMEOUT = 5.0
+# What a lost or misrouted pub/sub connection raises (RedisClusterException is no RedisError).
+LOST = (TimeoutError, RedisError, RedisClusterException, OSError, ConnectionError)
+_MESSAGE = frozenset({"message", "smessage"})
+_SUBSCRIBED = frozenset({"subscribe", "ssubscribe"})
+_UNSUBSCRIBED = frozenset({"unsubscribe", "sunsubscribe"})
+
+
+def client_options() -> dict[str, Any]:
+    """Timeouts and retries every Redis connection of a worker uses."""
+    return {
+        "socket_timeout": _TIMEOUT,
+        "socket_connect_timeout": _TIMEOUT,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+    }
 
 
 class _Timed:
@@ -48,53 +71,59 @@ class _Timed:
 
     def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
         metrics.REDIS_SECONDS.labels(self._op).observe(time.perf_counter() - self._start)
-        if kind is not None and issubclass(kind, (RedisError, OSError, asyncio.TimeoutError)):
+        if kind is not None and issubclass(kind, LOST):
             metrics.REDIS_ERRORS.labels(self._op).inc()
 
 
-class RedisBroker:
-    """`Broker` over one Redis server (`redis://`, `rediss://` or `unix://`)."""
+class RedisCore(ABC):
+    """`Broker` over a Redis client, one server's or a cluster's; see the module docstring."""
 
-    def __init__(self, url: str, handler: BrokerHandler, worker: str) -> None:
+    PUBLISH: ClassVar[str]  # the fan-out command, in `publish_many` and in the scripts
+    RING_ATOMIC: ClassVar[bool]  # ring keys share a server: heartbeat in MULTI/EXEC
+
+    def __init__(self, client: aioredis.Redis | RedisCluster, handler: BrokerHandler, worker: str) -> None:
+        self._redis = client
         self._handler = handler
         self._worker = worker
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=_TIMEOUT,
-            socket_connect_timeout=_TIMEOUT,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
-            max_connections=64,
-        )
-        self._pubsub = self._redis.pubsub()
         self._confirmed: set[bytes] = set()
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
         self._leaving: dict[bytes, asyncio.Future[None]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._last_heard = time.monotonic()
         self._scripts = {
-            name: self._redis.register_script(getattr(scripts, name))
-            for name in ("OPEN_ROOM", "SEQUENCE", "JOIN", "LEAVE", "PRESENCE_GONE", "MEMBERS")
+            name: client.register_script(text) for name, text in scripts.texts(self.PUBLISH).items()
         }
 
+    @abstractmethod
     async def start(self) -> None:
-        """Check Redis answers and start the pub/sub reader."""
-        await self._redis.ping()
-        self._reader = asyncio.create_task(self._read_forever(), name="rtc-pubsub")
+        """Check Redis answers and start reading pub/sub."""
 
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        await self._redis.aclose()
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def _listen(self, name: bytes) -> None:
+        """Send the subscription of `name`; its confirmation arrives through a reader."""
+
+    @abstractmethod
+    async def _unlisten(self, name: bytes) -> None:
+        """Send the end of the subscription of `name`."""
+
+    @abstractmethod
+    async def _lost(self) -> None:
+        """A reader's connection failed (its next read reconnects and resubscribes)."""
+
+    @abstractmethod
+    def _dropped(self, channel: bytes) -> None:
+        """Redis ended a subscription nobody asked to end (a cluster slot moved away)."""
+
+    @abstractmethod
+    async def _ping(self) -> bool:
+        """PING what must answer for Redis to count as reachable; raises when it does not."""
 
     async def ping(self) -> bool:
         try:
             with _Timed("ping"):
-                return bool(await self._redis.ping())
-        except (RedisError, OSError):
+                return await self._ping()
+        except LOST:
             return False
 
     # -- ring ---------------------------------------------------------------------------
@@ -103,13 +132,13 @@ class RedisBroker:
         """Renew this slot's lease and return the live slots. SlotTaken if another owns it."""
         now = int(time.time() * 1000)
         with _Timed("heartbeat"):
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._redis.pipeline(transaction=self.RING_ATOMIC) as pipe:
                 pipe.hget(keys.RING_OWNERS, slot)
                 pipe.zscore(keys.RING, slot)
                 holder, deadline = await pipe.execute()
             if holder not in (None, instance.encode()) and deadline is not None and deadline > now:
                 raise SlotTaken(slot)
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._redis.pipeline(transaction=self.RING_ATOMIC) as pipe:
                 pipe.hset(keys.RING_OWNERS, slot, instance)
                 pipe.zadd(keys.RING, {slot: now + ttl_ms})
                 pipe.zremrangebyscore(keys.RING, "-inf", now)
@@ -135,8 +164,12 @@ class RedisBroker:
         waiter = self._waiters.get(name)
         if waiter is None:
             waiter = self._waiters[name] = asyncio.get_running_loop().create_future()
-            with _Timed("subscribe"):
-                await self._pubsub.subscribe(name)
+            try:
+                with _Timed("subscribe"):
+                    await self._listen(name)
+            except BaseException:
+                del self._waiters[name]  # never sent: the next subscribe must send it again
+                raise
         await asyncio.wait_for(asyncio.shield(waiter), _TIMEOUT)
 
     async def unsubscribe(self, channel: str) -> None:
@@ -146,54 +179,57 @@ class RedisBroker:
         self._confirmed.discard(name)
         waiter = self._leaving[name] = asyncio.get_running_loop().create_future()
         with _Timed("subscribe"):
-            await self._pubsub.unsubscribe(name)
+            await self._unlisten(name)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiter, _TIMEOUT)
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
-        """PUBLISH in order over one connection; returns each message's receiver count."""
+        """Publish in order (per channel); returns each message's receiver count."""
         with _Timed("publish"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for channel, payload in messages:
-                    pipe.publish(channel, payload)
+                    pipe.execute_command(self.PUBLISH, channel, payload)
                 return [int(n) for n in await pipe.execute()]
 
-    async def _read_forever(self) -> None:
+    async def _read(self, pubsub: PubSub, alive: Callable[[], bool]) -> None:
+        """Dispatch what arrives on `pubsub` while `alive()`, with a PING watchdog."""
         backoff = 0.05
-        next_ping = time.monotonic() + _PING_EVERY
-        while True:
-            if not self._pubsub.subscribed:
+        last_heard = time.monotonic()
+        next_ping = last_heard + _PING_EVERY
+        while alive():
+            if not pubsub.subscribed:
                 await asyncio.sleep(0.05)  # nothing subscribed yet: nothing to read
                 continue
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await pubsub.get_message(timeout=1.0)
                 now = time.monotonic()
                 if message is not None:
-                    self._last_heard = now
+                    last_heard = now
                     self._dispatch(message)
                 if now >= next_ping:
                     next_ping = now + _PING_EVERY
-                    await self._pubsub.ping()
-                if now - self._last_heard > _SILENCE_LIMIT:
+                    await pubsub.ping()
+                if now - last_heard > _SILENCE_LIMIT:
                     raise ConnectionError("pub/sub connection silent")
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except (TimeoutError, RedisError, OSError, ConnectionError) as exc:
+            except LOST as exc:
                 log.warning("pubsub connection lost: %s; reconnecting", exc)
                 metrics.PUBSUB_RECONNECTS.labels(self._worker).inc()
                 metrics.REDIS_UP.labels(self._worker).set(0)
-                if self._pubsub.connection is not None:
-                    await self._pubsub.connection.disconnect()
-                self._last_heard = time.monotonic()
+                if pubsub.connection is not None:
+                    await pubsub.connection.disconnect()
+                last_heard = time.monotonic()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+                await self._lost()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if kind == "message":
+        if kind in _MESSAGE:
             self._handler.on_channel_message(message["channel"], message["data"])
-        elif kind == "subscribe":
+        elif kind in _SUBSCRIBED:
             channel = message["channel"]
             metrics.REDIS_UP.labels(self._worker).set(1)
             if channel in self._confirmed:
@@ -202,9 +238,11 @@ class RedisBroker:
             waiter = self._waiters.get(channel)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        elif kind == "unsubscribe":
+        elif kind in _UNSUBSCRIBED:
             waiter = self._leaving.pop(message["channel"], None)
-            if waiter is not None and not waiter.done():
+            if waiter is None:
+                self._dropped(message["channel"])
+            elif not waiter.done():
                 waiter.set_result(None)
 
     # -- rooms -----------------------------------------------------------------------------
@@ -321,7 +359,7 @@ class RedisBroker:
     # -- host control --------------------------------------------------------------------------
 
     async def set_fields(self, key: str, fields: Mapping[str, str], ttl: int) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:  # one key: one slot
             pipe.hset(key, mapping=_fields(fields))
             pipe.expire(key, ttl)
             await pipe.execute()
@@ -333,6 +371,51 @@ class RedisBroker:
     async def delete(self, key: str) -> None:
         await self._redis.delete(key)
 
+
+class RedisBroker(RedisCore):
+    """`Broker` over one Redis server (`redis://`, `rediss://` or `unix://`): one pub/sub connection."""
+
+    PUBLISH = "PUBLISH"
+    RING_ATOMIC = True
+
+    def __init__(self, url: str, handler: BrokerHandler, worker: str) -> None:
+        self._server = aioredis.Redis.from_url(url, max_connections=64, **client_options())
+        super().__init__(self._server, handler, worker)
+        self._pubsub = self._server.pubsub()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._ping()
+        self._reader = asyncio.create_task(self._read(self._pubsub, lambda: True), name="rtc-pubsub")
+
+    async def close(self) -> None:
+        await stop_task(self._reader)
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._server.aclose()
+
+    async def _ping(self) -> bool:
+        return bool(await self._server.ping())
+
+    async def _listen(self, name: bytes) -> None:
+        await self._pubsub.subscribe(name)
+
+    async def _unlisten(self, name: bytes) -> None:
+        await self._pubsub.unsubscribe(name)
+
+    async def _lost(self) -> None:
+        """Nothing to re-route: the one server's connection comes back on the next read."""
+
+    def _dropped(self, channel: bytes) -> None:
+        """One server ends a subscription only when asked to."""
+
+
+async def stop_task(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and wait until it has finished."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _text(value: object) -> str:

@@ -1,12 +1,16 @@
 """The Lua scripts that make Redis the single point of truth for seq, history and membership.
 
 Each script touches only keys of one room (one hash tag), so it is atomic on a single
-server and valid on Redis Cluster.
+server and valid on Redis Cluster. The scripts that fan out publish to the room's channel,
+which carries the same hash tag: with PUBLISH on one server, with SPUBLISH (legal in a
+script whose keys share the channel's slot) on Redis Cluster. `texts` fills that in.
 """
 
 from __future__ import annotations
 
-__all__ = ["JOIN", "LEAVE", "MEMBERS", "OPEN_ROOM", "PRESENCE_GONE", "SEQUENCE"]
+from string import Template
+
+__all__ = ["texts"]
 
 # Ensures the room has an epoch, returns {seq, epoch}. A room whose meta is gone (never
 # used, expired, or Redis lost its data) gets a fresh epoch and an empty history, so a
@@ -22,7 +26,7 @@ end
 """
 
 # KEYS: meta, log   ARGV: ttl
-OPEN_ROOM = (
+_OPEN_ROOM = (
     _ENSURE_EPOCH
     + """
 redis.call('EXPIRE', KEYS[1], ARGV[1])
@@ -32,9 +36,9 @@ return {tonumber(redis.call('HGET', KEYS[1], 'seq')), epoch}
 
 # KEYS: meta, log, dedup keys...   ARGV: channel, maxlen, ttl, n, then per message
 # head, tail, ts, dedup key index (0: none). Sequences a batch: HINCRBY, XADD and one
-# PUBLISH of all new records, `<seq> <ts> <frame>` joined by newlines. A retried publish
+# (S)PUBLISH of all new records, `<seq> <ts> <frame>` joined by newlines. A retried publish
 # (same dedup key) gets its earlier seq back and is not published twice.
-SEQUENCE = (
+_SEQUENCE = (
     _ENSURE_EPOCH
     + """
 local channel, maxlen, ttl, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -55,7 +59,7 @@ for i = 0, n - 1 do
   end
   result[#result + 1] = seq
 end
-if #records > 0 then redis.call('PUBLISH', channel, table.concat(records, '\\n')) end
+if #records > 0 then redis.call('$publish', channel, table.concat(records, '\\n')) end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return result
@@ -66,7 +70,7 @@ return result
 # ARGV: user, slot, ttl, members-key prefix, channel, presence frame, presence max
 # Counts the connection; publishes a presence `join` when the user was not present
 # anywhere in the cluster and the room is small enough. Returns the member estimate.
-JOIN = """
+_JOIN = """
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[2])
@@ -78,7 +82,7 @@ end
 if redis.call('HSETNX', KEYS[3], ARGV[1], 1) == 1 then
   redis.call('EXPIRE', KEYS[3], 86400)
   if estimate <= tonumber(ARGV[7]) then
-    redis.call('PUBLISH', ARGV[5], '0 0 ' .. ARGV[6])
+    redis.call('$publish', ARGV[5], '0 0 ' .. ARGV[6])
   end
 end
 return estimate
@@ -86,7 +90,7 @@ return estimate
 
 # KEYS: my members hash   ARGV: user
 # Returns 1 when this slot has no more connections of the user in the room.
-LEAVE = """
+_LEAVE = """
 local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 if left <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -98,7 +102,7 @@ return 0
 # KEYS: slots set, presence hash   ARGV: user, members-key prefix, channel, frame, max
 # Run a few seconds after a user's last local connection left: publishes the presence
 # `leave` only if no slot has the user any more (so a drain or resume does not flap).
-PRESENCE_GONE = """
+_PRESENCE_GONE = """
 local estimate = 0
 for _, slot in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[2] .. slot
@@ -106,7 +110,7 @@ for _, slot in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   estimate = estimate + redis.call('HLEN', key)
 end
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 1 and estimate < tonumber(ARGV[5]) then
-  redis.call('PUBLISH', ARGV[3], '0 0 ' .. ARGV[4])
+  redis.call('$publish', ARGV[3], '0 0 ' .. ARGV[4])
   return 1
 end
 return 0
@@ -114,7 +118,7 @@ return 0
 
 # KEYS: slots set   ARGV: members-key prefix, limit
 # Distinct users with a connection in the room anywhere, sorted; prunes dead slots.
-MEMBERS = """
+_MEMBERS = """
 local seen = {}
 local users = {}
 for _, slot in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -137,3 +141,18 @@ local page = {count}
 for i = 1, math.min(limit, count) do page[#page + 1] = users[i] end
 return page
 """
+
+
+_SOURCES = {
+    "OPEN_ROOM": _OPEN_ROOM,
+    "SEQUENCE": _SEQUENCE,
+    "JOIN": _JOIN,
+    "LEAVE": _LEAVE,
+    "PRESENCE_GONE": _PRESENCE_GONE,
+    "MEMBERS": _MEMBERS,
+}
+
+
+def texts(publish: str) -> dict[str, str]:
+    """Every script by name, fanning out with `publish`: PUBLISH, or SPUBLISH on a cluster."""
+    return {name: Template(source).substitute(publish=publish) for name, source in _SOURCES.items()}
