@@ -22,7 +22,7 @@ import orjson
 
 from rtc import keys, metrics
 from rtc.broker import make_broker
-from rtc.broker.base import Unsequenced
+from rtc.broker.base import Sequenced, Unsequenced
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import ErrorCode, ProtocolError
@@ -87,6 +87,7 @@ class Node:
         self._inbox_channel = keys.slot_inbox(slot).encode()
         self._control_channel = keys.host_control(settings.node_id).encode()
         self._batches: dict[str, list[tuple[Unsequenced, Reply]]] = {}
+        self._sequencing = False
         self._forwards: dict[bytes, tuple[Reply, float]] = {}
         self._outbox: list[tuple[str, bytes]] = []
         self._outbox_scheduled = False
@@ -322,32 +323,44 @@ class Node:
         batch = self._batches.get(room)
         if batch is None:
             self._batches[room] = [(item, reply)]
-            self.spawn(self._flush_batches(room), flush=True)
         else:
             batch.append((item, reply))
+        if not self._sequencing:
+            self._sequencing = True
+            self.spawn(self._flush_batches(), flush=True)
 
-    async def _flush_batches(self, room: str) -> None:
-        """Sequence a room's publishes in arrival order, one script call per batch."""
+    async def _flush_batches(self) -> None:
+        """Sequence what this worker owns: every room's batch in one round trip.
+
+        One flush at a time keeps each room's publishes in arrival order; what arrives
+        while a flush is in flight forms the next, larger batch.
+        """
         try:
-            while batch := self._batches.get(room):
-                self._batches[room] = []
-                seqs: list[int | None]
+            await asyncio.sleep(0)  # let this loop turn's publishes join the batch
+            while self._batches:
+                batches, self._batches = self._batches, {}
                 try:
                     async with asyncio.timeout(FORWARD_TIMEOUT):
-                        result = await self.broker.sequence(
-                            room,
-                            [item for item, _ in batch],
+                        results = await self.broker.sequence_many(
+                            {room: [item for item, _ in batch] for room, batch in batches.items()},
                             self.settings.history_size,
                             self.settings.history_ttl,
                         )
-                    seqs = list(result.seqs)
                 except Exception as exc:
-                    log.warning("sequencing %s failed: %s", room, exc)
-                    seqs = [None] * len(batch)
-                for (_, reply), seq in zip(batch, seqs, strict=True):
-                    reply(seq)
+                    log.warning("sequencing %d rooms failed: %s", len(batches), exc)
+                    results = {}
+                for room, batch in batches.items():
+                    result = results.get(room)
+                    if not isinstance(result, Sequenced):
+                        if result is not None:
+                            log.warning("sequencing %s failed: %s", room, result)
+                        for _, reply in batch:
+                            reply(None)
+                        continue
+                    for (_, reply), seq in zip(batch, result.seqs, strict=True):
+                        reply(seq)
         finally:
-            self._batches.pop(room, None)
+            self._sequencing = False
 
     def _send(self, channel: str, payload: bytes, on_nobody: Callable[[], None] | None = None) -> None:
         """Queue a PUBLISH; the queue is flushed in order, in one pipeline per loop turn."""

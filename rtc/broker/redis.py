@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -259,17 +260,26 @@ class RedisCore(ABC):
         self, room: str, batch: Sequence[Unsequenced], history_size: int, ttl: int
     ) -> Sequenced:
         """Give a batch of publishes their seqs, append them to history, fan them out."""
-        script_keys = [keys.room_meta(room), keys.room_history(room)]
-        args: list[Any] = [keys.room_channel(room), history_size, ttl, len(batch)]
-        for item in batch:
-            index = 0
-            if item.dedup is not None:
-                script_keys.append(keys.dedup(room, item.dedup))
-                index = len(script_keys)
-            args.extend((item.head, item.tail, item.ts, index))
+        script_keys, args = _sequence_call(room, batch, history_size, ttl)
         with _Timed("sequence"):
-            epoch, *seqs = await self._scripts["SEQUENCE"](keys=script_keys, args=args)
-        return Sequenced(epoch.decode(), [int(s) for s in seqs])
+            reply = await self._scripts["SEQUENCE"](keys=script_keys, args=args)
+        return _sequenced(reply)
+
+    async def sequence_many(
+        self, batches: Mapping[str, Sequence[Unsequenced]], history_size: int, ttl: int
+    ) -> dict[str, Sequenced | Exception]:
+        """`sequence` for several rooms in one round trip (a pipeline of script calls)."""
+        rooms = list(batches)
+        with _Timed("sequence"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for room in rooms:
+                    script_keys, args = _sequence_call(room, batches[room], history_size, ttl)
+                    await self._scripts["SEQUENCE"](keys=script_keys, args=args, client=pipe)  # type: ignore[arg-type]  # redis-py queues it on a Pipeline
+                replies = await pipe.execute(raise_on_error=False)
+        return {
+            room: reply if isinstance(reply, Exception) else _sequenced(reply)
+            for room, reply in zip(rooms, replies, strict=True)
+        }
 
     async def history(self, room: str, after: int, upto: int) -> list[tuple[int, bytes]]:
         """Frames with seq in (after, upto], as far as history still has them."""
@@ -379,7 +389,9 @@ class RedisBroker(RedisCore):
     RING_ATOMIC = True
 
     def __init__(self, url: str, handler: BrokerHandler, worker: str) -> None:
-        self._server = aioredis.Redis.from_url(url, max_connections=64, **client_options())
+        # A blocking pool: a burst of handshakes waits for a connection instead of failing.
+        pool = BlockingConnectionPool.from_url(url, max_connections=64, timeout=_TIMEOUT, **client_options())
+        self._server = aioredis.Redis.from_pool(pool)  # closes the pool with the client
         super().__init__(self._server, handler, worker)
         self._pubsub = self._server.pubsub()
         self._reader: asyncio.Task[None] | None = None
@@ -416,6 +428,26 @@ async def stop_task(task: asyncio.Task[None] | None) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _sequence_call(
+    room: str, batch: Sequence[Unsequenced], history_size: int, ttl: int
+) -> tuple[list[str], list[Any]]:
+    """Keys and arguments of the SEQUENCE script for one room's batch."""
+    script_keys = [keys.room_meta(room), keys.room_history(room)]
+    args: list[Any] = [keys.room_channel(room), history_size, ttl, len(batch)]
+    for item in batch:
+        index = 0
+        if item.dedup is not None:
+            script_keys.append(keys.dedup(room, item.dedup))
+            index = len(script_keys)
+        args.extend((item.head, item.tail, item.ts, index))
+    return script_keys, args
+
+
+def _sequenced(reply: list[Any]) -> Sequenced:
+    epoch, *seqs = reply
+    return Sequenced(_text(epoch), [int(s) for s in seqs])
 
 
 def _text(value: object) -> str:
