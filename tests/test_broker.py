@@ -149,3 +149,19 @@ async def test_killed_pubsub_connection_is_reestablished_and_reported(
     assert recorder.resubscribed == [channel.encode()]
     assert await b.publish_many([(channel, b"after")]) == [1]
     assert (await asyncio.wait_for(recorder.messages.get(), 5))[1] == b"after"
+
+
+async def test_many_rooms_sequence_in_one_round_trip_even_after_a_script_flush(
+    broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
+) -> None:
+    b, _ = broker
+    batches = {f"room{i}": [item(f"room{i}", "a"), item(f"room{i}", "b")] for i in range(5)}
+    first = await b.sequence_many(batches, 1000, 60)
+    assert {room: r.seqs for room, r in first.items() if not isinstance(r, Exception)} == {
+        room: [1, 2] for room in batches
+    }
+    fresh_redis.cli("SCRIPT", "FLUSH")  # as after a Redis restart: the scripts are gone
+    again = await b.sequence_many(batches, 1000, 60)
+    assert {room: r.seqs for room, r in again.items() if not isinstance(r, Exception)} == {
+        room: [3, 4] for room in batches
+    }

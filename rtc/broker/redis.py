@@ -28,7 +28,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.typing import EncodableT, FieldT
 
 from rtc import keys, metrics
@@ -268,18 +268,24 @@ class RedisCore(ABC):
     async def sequence_many(
         self, batches: Mapping[str, Sequence[Unsequenced]], history_size: int, ttl: int
     ) -> dict[str, Sequenced | Exception]:
-        """`sequence` for several rooms in one round trip (a pipeline of script calls)."""
-        rooms = list(batches)
-        with _Timed("sequence"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for room in rooms:
-                    script_keys, args = _sequence_call(room, batches[room], history_size, ttl)
-                    await self._scripts["SEQUENCE"](keys=script_keys, args=args, client=pipe)  # type: ignore[arg-type]  # redis-py queues it on a Pipeline
-                replies = await pipe.execute(raise_on_error=False)
-        return {
-            room: reply if isinstance(reply, Exception) else _sequenced(reply)
-            for room, reply in zip(rooms, replies, strict=True)
-        }
+        """`sequence` for several rooms in one round trip (a pipeline of EVALSHA)."""
+        script = self._scripts["SEQUENCE"]
+        calls = {room: _sequence_call(room, batch, history_size, ttl) for room, batch in batches.items()}
+        results: dict[str, Sequenced | Exception] = {}
+        for attempt in range(2):
+            with _Timed("sequence"):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for script_keys, args in calls.values():
+                        pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
+            for room, reply in zip(calls, replies, strict=True):
+                results[room] = reply if isinstance(reply, Exception) else _sequenced(reply)
+            missing = [room for room in calls if isinstance(results[room], NoScriptError)]
+            if not missing or attempt:
+                break
+            await self._redis.script_load(script.script)  # Redis restarted: it ran nothing
+            calls = {room: calls[room] for room in missing}
+        return results
 
     async def history(self, room: str, after: int, upto: int) -> list[tuple[int, bytes]]:
         """Frames with seq in (after, upto], as far as history still has them."""
