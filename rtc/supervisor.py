@@ -19,6 +19,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -62,6 +63,7 @@ class _Child:
     listening: bool = False
     ready: bool = False
     retiring: bool = False
+    failure: str = ""  # why it could not start, as it reported
     buffer: bytes = b""
 
 
@@ -148,15 +150,6 @@ class Supervisor:
         for slot in range(self.settings.workers):
             self._slots[slot] = _SlotState()
             self._spawn(slot, join_ring_now=True)
-        log.info(
-            "rtc %s serving on %s:%d with %d workers (runtime %s, redis %s)",
-            self.settings.node_id,
-            self.settings.host,
-            self.settings.port,
-            self.settings.workers,
-            self._runtime,
-            "embedded" if self._redis else "external",
-        )
 
     def _runtime_dir(self) -> Path:
         if self.settings.runtime_dir:
@@ -255,7 +248,8 @@ class Supervisor:
         except BlockingIOError:
             return
         if not data:
-            self._selector.unregister(child.report)
+            with contextlib.suppress(KeyError):
+                self._selector.unregister(child.report)
             return
         child.buffer += data
         *lines, child.buffer = child.buffer.split(b"\n")
@@ -264,10 +258,20 @@ class Supervisor:
                 child.listening = True
             elif line == b"ready":
                 child.listening = child.ready = True
+            elif line.startswith(b"fail "):
+                child.failure = line[5:].decode(errors="replace")
         if not self._booted and self._all_ready():
             self._booted = True
             self._notifier.notify("READY=1", self._status_line())
-            log.info("all %d workers ready", self.settings.workers)
+            log.info(
+                "rtc %s serving on %s:%d with %d workers (runtime %s, redis %s)",
+                self.settings.node_id,
+                self.settings.host,
+                self.settings.port,
+                self.settings.workers,
+                self._runtime,
+                "embedded" if self._redis else "external",
+            )
 
     def _all_ready(self) -> bool:
         ready = {c.slot for c in self._children.values() if c.ready and not c.retiring}
@@ -284,16 +288,19 @@ class Supervisor:
                 continue
             code = os.waitstatus_to_exitcode(status)
             del self._children[pid]
+            self._on_report(child)  # what it said last, e.g. why it could not start
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(child.report)
             os.close(child.report)
             self._mark_dead(pid)
             if self._stopping or child.retiring:
-                log.info("worker %d (pid %d) exited %d", child.slot, pid, code)
+                log.debug("worker %d (pid %d) exited %d", child.slot, pid, code)
                 self._on_retired(child)
                 continue
             if not self._booted:
-                log.error("worker %d failed to start (exit %d)", child.slot, code)
+                # The first boot failed: one clear line, no crash loop.
+                reason = child.failure or f"worker {child.slot} failed to start (exit {code})"
+                print(f"rtc: {reason}", file=sys.stderr, flush=True)
                 return _EXIT_CONFIG if code == _EXIT_CONFIG else EXIT_BOOT_FAILED
             self._schedule_restart(child, code)
         return None

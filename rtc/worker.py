@@ -35,12 +35,11 @@ from rtc.log import redact, setup_logging
 from rtc.node import Node
 from rtc.protocol import encode
 
-__all__ = ["EXIT_BOOT", "EXIT_CONFIG", "WorkerSpec", "run_worker"]
+__all__ = ["EXIT_CONFIG", "WorkerSpec", "run_worker"]
 
 log = logging.getLogger("rtc.worker")
 
-EXIT_CONFIG = 2  # a setting is wrong (duplicate --node-id): the supervisor exits 2
-EXIT_BOOT = 3  # the worker could not start (Redis unreachable, ...)
+EXIT_CONFIG = 2  # a setting is wrong (Redis unreachable, duplicate --node-id): exit 2
 _CLOSE_TIMEOUT = 5.0
 
 
@@ -117,9 +116,8 @@ class _Worker:
         node = Node(self.settings, self.slot, self.spec.instance, self.label)
         try:
             await node.start()
-        except Exception as exc:
-            log.error("cannot reach Redis: %s", exc)
-            return EXIT_BOOT
+        except Exception as exc:  # a bad --redis-url, or Redis down: a setting to fix
+            return self._fail(f"cannot reach Redis: {exc}")
         self.spec.host_connections.reset(self.spec.index)
         state = WorkerState(
             self.settings,
@@ -147,14 +145,12 @@ class _Worker:
         try:
             await self._enter_ring(node)
         except SlotTaken:
-            log.error(
-                "slot %s is held by another live host: is --node-id %s used twice?",
-                self.slot,
-                self.settings.node_id,
-            )
             await runner.cleanup()
             await node.close()
-            return EXIT_CONFIG
+            return self._fail(
+                f"slot {self.slot} is held by another live host: is --node-id "
+                f"{self.settings.node_id} used twice?"
+            )
         node.spawn(node.maintain())
         node.spawn(node.checkpoint_forever())
         drain = await node.broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
@@ -175,6 +171,11 @@ class _Worker:
         await runner.cleanup()
         await node.close()
         return 0
+
+    def _fail(self, reason: str) -> int:
+        """Tell the supervisor why this worker cannot start; it says so once, and exits 2."""
+        os.write(self.spec.report_fd, b"fail " + reason.replace("\n", " ").encode() + b"\n")
+        return EXIT_CONFIG
 
     async def _enter_ring(self, node: Node) -> None:
         await node.heartbeat()
