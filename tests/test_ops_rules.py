@@ -1,7 +1,7 @@
 """Alert rules, Prometheus configuration and the Grafana dashboard, checked with promtool.
 
 Every PromQL expression shipped under ``ops/`` is parsed by promtool and may
-only name metrics from docs/interfaces-draft.md (``DOCUMENTED_METRICS``);
+only name documented metrics (docs/operations.md; ``DOCUMENTED_METRICS``);
 ``promql_names`` extracts the names, so a test against a live scrape of rtc
 can reuse the same check.
 """
