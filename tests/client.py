@@ -16,7 +16,9 @@ from tests.rtcproc import token as make_token
 class Client:
     """One connection; frames are queued by a reader task so tests await what they expect."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession, user: str) -> None:
+    def __init__(
+        self, ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession, user: str
+    ) -> None:
         self.ws = ws
         self.session = session
         self.user = user
@@ -28,15 +30,22 @@ class Client:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def connect(cls, url: str, user: str, *, token: str | None = None, session: str | None = None,
-                      headers: dict[str, str] | None = None, **claims: Any) -> Client:
+    async def connect(
+        cls,
+        url: str,
+        user: str,
+        *,
+        token: str | None = None,
+        session: str | None = None,
+        headers: dict[str, str] | None = None,
+        **claims: Any,
+    ) -> Client:
         http = aiohttp.ClientSession()
         params = {"token": token or make_token(user, **claims)}
         if session:
             params["session"] = session
         try:
-            ws = await http.ws_connect(url, params=params, headers=headers, autoping=True,
-                                       max_msg_size=0)
+            ws = await http.ws_connect(url, params=params, headers=headers, autoping=True, max_msg_size=0)
         except BaseException:
             await http.close()
             raise
@@ -77,12 +86,15 @@ class Client:
     async def join(self, room: str, **fields: Any) -> dict[str, Any]:
         return await self.request("join", "joined", room=room, **fields)
 
-    async def wait_frames(self, kind: str, count: int, timeout: float = 10.0, **match: Any) -> list[dict[str, Any]]:
+    async def wait_frames(
+        self, kind: str, count: int, timeout: float = 10.0, **match: Any
+    ) -> list[dict[str, Any]]:
         """Until `count` frames of `kind` (matching fields) have arrived, counting those seen."""
 
         def found() -> list[dict[str, Any]]:
-            return [f for f in self.seen if f.get("type") == kind
-                    and all(f.get(k) == v for k, v in match.items())]
+            return [
+                f for f in self.seen if f.get("type") == kind and all(f.get(k) == v for k, v in match.items())
+            ]
 
         async with asyncio.timeout(timeout):
             while len(found()) < count:

@@ -123,12 +123,8 @@ AGGREGATIONS = frozenset(
     ]
 )
 # Keywords that take a parenthesised list of label names.
-LABEL_LIST_KEYWORDS = frozenset(
-    {"by", "without", "on", "ignoring", "group_left", "group_right"}
-)
-OTHER_KEYWORDS = frozenset(
-    {"bool", "and", "or", "unless", "offset", "atan2", "inf", "nan"}
-)
+LABEL_LIST_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
+OTHER_KEYWORDS = frozenset({"bool", "and", "or", "unless", "offset", "atan2", "inf", "nan"})
 # `@ start()` and `@ end()` modifiers.
 AT_FUNCTIONS = frozenset({"start", "end"})
 
@@ -191,9 +187,7 @@ def metric_names(expr: str) -> set[str]:
                 continue
             if following == "(":
                 previous = tokens[i - 1][1] if i else ""
-                if text not in FUNCTIONS and not (
-                    previous == "@" and text in AT_FUNCTIONS
-                ):
+                if text not in FUNCTIONS and not (previous == "@" and text in AT_FUNCTIONS):
                     raise ValueError(f"PromQL: unknown function {text!r} in {expr!r}")
                 i += 1
                 continue
@@ -202,9 +196,7 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def _label_matchers(
-    tokens: list[tuple[str, str]], i: int, names: set[str], expr: str
-) -> int:
+def _label_matchers(tokens: list[tuple[str, str]], i: int, names: set[str], expr: str) -> int:
     """Skip a ``{...}`` block, collecting ``__name__="..."``; return the index after ``}``."""
     while i < len(tokens) and tokens[i][1] != "}":
         if tokens[i][1] == "__name__" and i + 2 < len(tokens):
@@ -246,8 +238,4 @@ def expand_grafana(expr: str, variables: Mapping[str, str] | None = None) -> str
 
 def exposed_names(exposition: str) -> set[str]:
     """Sample names in a scrape (Prometheus text format): ``x_total``, ``h_bucket`` ..."""
-    return {
-        sample.name
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-    }
+    return {sample.name for family in text_string_to_metric_families(exposition) for sample in family.samples}

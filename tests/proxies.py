@@ -123,9 +123,7 @@ def render_haproxy(
     def servers(match: re.Match[str]) -> str:
         tracked = "track" in match.group(0)
         return "".join(
-            f"    server rtc{i} {b.host}:{b.port}"
-            + (f" track be_rtc_ws/rtc{i}" if tracked else "")
-            + "\n"
+            f"    server rtc{i} {b.host}:{b.port}" + (f" track be_rtc_ws/rtc{i}" if tracked else "") + "\n"
             for i, b in enumerate(backends, start=1)
         )
 
@@ -144,9 +142,7 @@ def render_haproxy(
             (r"^    bind 127\.0\.0\.1:8404$", f"    bind {LOOPBACK}:{stats_port}"),
         ],
     )
-    text, count = re.subn(
-        r"(?:^    server rtc\d+ [^\n]*\n)+", servers, text, flags=re.MULTILINE
-    )
+    text, count = re.subn(r"(?:^    server rtc\d+ [^\n]*\n)+", servers, text, flags=re.MULTILINE)
     if count != 2:
         raise ValueError(f"render: expected 2 server blocks, found {count}")
     if timeouts is not None:
@@ -177,9 +173,7 @@ def render_haproxy(
             ],
         )
     if affinity:
-        text = substitute(
-            text, [(r"^    balance leastconn\n", ""), (r"^    #affinity   ", "    ")]
-        )
+        text = substitute(text, [(r"^    balance leastconn\n", ""), (r"^    #affinity   ", "    ")])
     return text
 
 
@@ -214,10 +208,7 @@ def render_nginx(
             (r"^    server_tokens off;\n", "    server_tokens off;\n" + temp_paths),
         ],
     )
-    upstream = "".join(
-        f"    server {b.host}:{b.port} max_fails=1 fail_timeout=10s;\n"
-        for b in backends
-    )
+    upstream = "".join(f"    server {b.host}:{b.port} max_fails=1 fail_timeout=10s;\n" for b in backends)
     site = substitute(
         NGINX_SITE.read_text(),
         [
@@ -313,9 +304,7 @@ class RunningProxy:
         return f"ws://{LOOPBACK}:{self.port}"
 
     def log_text(self) -> str:
-        return (
-            self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        )
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def runtime(self, command: str) -> str:
         """One command on HAProxy's runtime API (stats socket)."""
@@ -341,9 +330,7 @@ def haproxy_server_status(proxy: RunningProxy, backend: str, server: str) -> str
     raise KeyError(f"{backend}/{server} not in show stat")
 
 
-def _wait_listening(
-    proc: subprocess.Popen[bytes], port: int, errors: Path, what: str
-) -> None:
+def _wait_listening(proc: subprocess.Popen[bytes], port: int, errors: Path, what: str) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -390,14 +377,10 @@ def run_haproxy(
     )
     log_path, err_path = workdir / "haproxy.log", workdir / "haproxy.err"
     with log_path.open("wb") as out, err_path.open("wb") as err:
-        proc = subprocess.Popen(
-            [require_program("haproxy"), "-db", "-f", str(cfg)], stdout=out, stderr=err
-        )
+        proc = subprocess.Popen([require_program("haproxy"), "-db", "-f", str(cfg)], stdout=out, stderr=err)
     try:
         _wait_listening(proc, port, err_path, "haproxy")
-        yield RunningProxy(
-            "haproxy", port, workdir, proc, log_path, workdir / "admin.sock"
-        )
+        yield RunningProxy("haproxy", port, workdir, proc, log_path, workdir / "admin.sock")
     finally:
         _stop(proc)
 
@@ -412,9 +395,7 @@ def run_nginx(
     """NGINX in the foreground (daemon off); access log at ``workdir/access.log``."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    conf = render_nginx(
-        port=port, backends=backends, workdir=workdir, timeouts=timeouts
-    )
+    conf = render_nginx(port=port, backends=backends, workdir=workdir, timeouts=timeouts)
     err_path = workdir / "error.log"
     with (workdir / "nginx.out").open("wb") as out:
         proc = subprocess.Popen(

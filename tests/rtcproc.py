@@ -65,8 +65,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def cli(self, *args: str) -> str:
-        return subprocess.run(["redis-cli", "-p", str(self.port), *args], check=True,
-                              capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], check=True, capture_output=True, text=True
+        ).stdout
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -79,8 +80,22 @@ def start_redis(*extra: str) -> RedisServer:
     port = free_port()
     directory = Path(tempfile.mkdtemp(prefix="rtc-redis-"))
     process = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(directory), "--loglevel", "warning", *extra],
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--loglevel",
+            "warning",
+            *extra,
+        ],
         stdout=subprocess.DEVNULL,
     )
     server = RedisServer(port, process, directory)
@@ -119,7 +134,9 @@ class Host:
     def ws(self) -> str:
         return f"ws://{self.host}:{self.port}/ws"
 
-    def get(self, path: str, headers: dict[str, str] | None = None, port: int | None = None) -> tuple[int, bytes]:
+    def get(
+        self, path: str, headers: dict[str, str] | None = None, port: int | None = None
+    ) -> tuple[int, bytes]:
         url = f"http://{self.host}:{port or self.port}{path}"
         request = urllib.request.Request(url, headers=headers or {})
         try:
@@ -148,8 +165,9 @@ class Host:
     def worker_pids(self) -> list[int]:
         import psutil
 
-        return sorted(c.pid for c in psutil.Process(self.process.pid).children()
-                      if c.name() != "redis-server")
+        return sorted(
+            c.pid for c in psutil.Process(self.process.pid).children() if c.name() != "redis-server"
+        )
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -178,9 +196,25 @@ def start_host(
     port, metrics_port = free_ports(2, host)
     runtime = Path(tempfile.mkdtemp(prefix="rtc-"))
     log_path = runtime.parent / (runtime.name + ".log")
-    command = [*RTC, "serve", "--host", host, "--port", str(port), "--metrics-port",
-               str(metrics_port), "--workers", str(workers), "--node-id", node_id,
-               "--runtime-dir", str(runtime), "--shutdown-timeout", "10", *args]
+    command = [
+        *RTC,
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--workers",
+        str(workers),
+        "--node-id",
+        node_id,
+        "--runtime-dir",
+        str(runtime),
+        "--shutdown-timeout",
+        "10",
+        *args,
+    ]
     if redis_url:
         command += ["--redis-url", redis_url]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RTC_", "NOTIFY_"))}
@@ -221,5 +255,8 @@ def ring_view(host: Host) -> list[str]:
 def settle_ring(cluster: Sequence[Host], timeout: float = 10) -> None:
     """Wait until every worker of every host sees every slot (heartbeats are 1 s apart)."""
     expected = sorted(f"{h.node_id}:{i}" for h in cluster for i in range(h.workers))
-    wait_for(lambda: all(ring_view(h) == expected for h in cluster for _ in range(6)), timeout,
-             "ring views to converge")
+    wait_for(
+        lambda: all(ring_view(h) == expected for h in cluster for _ in range(6)),
+        timeout,
+        "ring views to converge",
+    )

@@ -15,7 +15,6 @@ import socket
 import struct
 
 import orjson
-import pytest
 
 from tests.client import Client
 from tests.rtcproc import Host, hosts, start_redis, token

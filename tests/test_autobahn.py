@@ -42,9 +42,7 @@ SETUP_SCRIPT = REPO / "scripts" / "autobahn-setup.sh"
 
 FULL = os.environ.get("RTC_AUTOBAHN_FULL", "") == "1"
 AGENT = "rtc"
-MAX_MESSAGE_BYTES = (
-    65536  # rtc's default --max-message-bytes; the expected list assumes it
-)
+MAX_MESSAGE_BYTES = 65536  # rtc's default --max-message-bytes; the expected list assumes it
 
 # Autobahn grades each case twice: `behavior` (the exchange) and `behaviorClose` (the
 # closing handshake). A case passes when both are a pass. NON-STRICT (e.g. a text message
@@ -75,10 +73,7 @@ def _case_key(case_id: str) -> tuple[int, ...]:
 
 
 def _passed(result: dict) -> bool:
-    return (
-        result.get("behavior") in PASS_BEHAVIOR
-        and result.get("behaviorClose") in PASS_CLOSE
-    )
+    return result.get("behavior") in PASS_BEHAVIOR and result.get("behaviorClose") in PASS_CLOSE
 
 
 def group_counts(results: dict[str, dict]) -> dict[str, tuple[int, int]]:
@@ -86,9 +81,7 @@ def group_counts(results: dict[str, dict]) -> dict[str, tuple[int, int]]:
     counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for case_id, r in results.items():
         counts[case_id.split(".")[0]][0 if _passed(r) else 1] += 1
-    return {
-        g: (p, f) for g, (p, f) in sorted(counts.items(), key=lambda kv: int(kv[0]))
-    }
+    return {g: (p, f) for g, (p, f) in sorted(counts.items(), key=lambda kv: int(kv[0]))}
 
 
 def _free_ports(n: int) -> list[int]:
@@ -220,19 +213,11 @@ def echo_url() -> Iterator[str]:
 
 def _load_expected(excluded: list[str]) -> dict[str, str]:
     expected = json.loads(EXPECTED_FAILURES.read_text())
-    assert isinstance(expected, dict) and expected, (
-        "expected-failures.json: a {case id: reason} object"
-    )
+    assert isinstance(expected, dict) and expected, "expected-failures.json: a {case id: reason} object"
     for case_id, reason in expected.items():
-        assert CASE_ID.match(case_id), (
-            f"expected-failures.json: bad case id {case_id!r}"
-        )
-        assert isinstance(reason, str) and reason.strip(), (
-            f"expected-failures.json: {case_id} needs a reason"
-        )
-        assert not _matches(case_id, excluded), (
-            f"expected-failures.json: {case_id} is excluded from runs"
-        )
+        assert CASE_ID.match(case_id), f"expected-failures.json: bad case id {case_id!r}"
+        assert isinstance(reason, str) and reason.strip(), f"expected-failures.json: {case_id} needs a reason"
+        assert not _matches(case_id, excluded), f"expected-failures.json: {case_id} is excluded from runs"
     return expected
 
 
@@ -286,9 +271,7 @@ def test_autobahn_fuzzingclient(wstest: str, echo_url: str, tmp_path: Path) -> N
     if keep:
         shutil.copytree(outdir, keep, dirs_exist_ok=True)
 
-    announced = re.search(
-        r"will run (\d+) test cases", log_path.read_text(errors="replace")
-    )
+    announced = re.search(r"will run (\d+) test cases", log_path.read_text(errors="replace"))
     assert announced, f"wstest did not start the cases:\n{_tail(log_path)}"
     index = json.loads((outdir / "index.json").read_text())
     results: dict[str, dict] = index.get(AGENT, {})
@@ -303,12 +286,8 @@ def test_autobahn_fuzzingclient(wstest: str, echo_url: str, tmp_path: Path) -> N
     unexpected_failures = sorted(failed - expected.keys(), key=_case_key)
     unexpected_passes = sorted((in_scope & results.keys()) - failed, key=_case_key)
 
-    summary = ", ".join(
-        f"{g}.*: {p} ok/{f} failed" for g, (p, f) in group_counts(results).items()
-    )
-    print(
-        f"\nAutobahn ({'full' if FULL else 'subset'}): {len(results)} cases in {elapsed:.1f} s; {summary}"
-    )
+    summary = ", ".join(f"{g}.*: {p} ok/{f} failed" for g, (p, f) in group_counts(results).items())
+    print(f"\nAutobahn ({'full' if FULL else 'subset'}): {len(results)} cases in {elapsed:.1f} s; {summary}")
 
     problems = []
     if unexpected_failures:
@@ -327,9 +306,7 @@ def test_autobahn_fuzzingclient(wstest: str, echo_url: str, tmp_path: Path) -> N
         )
         problems += [_describe(c, results[c], outdir) for c in unexpected_passes]
     if unknown:
-        problems.append(
-            f"expected-failures.json names cases wstest does not have: {', '.join(unknown)}"
-        )
+        problems.append(f"expected-failures.json names cases wstest does not have: {', '.join(unknown)}")
     assert not problems, "\n".join(problems)
 
 

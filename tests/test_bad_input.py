@@ -34,7 +34,9 @@ BAD_FRAMES = [
 
 
 @pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
-async def test_bad_frame_gets_an_error_and_the_socket_survives(cluster: list[Host], frame: str, code: str) -> None:
+async def test_bad_frame_gets_an_error_and_the_socket_survives(
+    cluster: list[Host], frame: str, code: str
+) -> None:
     client = await Client.connect(cluster[0].ws, "prober")
     try:
         await client.send_raw(frame)
@@ -90,8 +92,14 @@ async def test_bad_token_is_refused_before_the_upgrade(cluster: list[Host]) -> N
 
     async with aiohttp.ClientSession() as http:
         for params in ({}, {"token": "nope"}):
-            async with http.get(cluster[0].http + "/ws", params=params,
-                                headers={"Upgrade": "websocket", "Connection": "Upgrade",
-                                         "Sec-WebSocket-Version": "13",
-                                         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as response:
+            async with http.get(
+                cluster[0].http + "/ws",
+                params=params,
+                headers={
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                },
+            ) as response:
                 assert response.status == 401

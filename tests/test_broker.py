@@ -53,9 +53,13 @@ async def test_two_brokers_sequencing_one_room_never_share_a_seq(fresh_redis: Re
     for b in brokers:
         await b.start()
     try:
-        results = await asyncio.gather(*(
-            b.sequence("contested", [item("contested", f"{i}-{n}") for n in range(5)], 1000, 60)
-            for i in range(20) for b in brokers))
+        results = await asyncio.gather(
+            *(
+                b.sequence("contested", [item("contested", f"{i}-{n}") for n in range(5)], 1000, 60)
+                for i in range(20)
+                for b in brokers
+            )
+        )
         seqs = sorted(s for r in results for s in r.seqs)
         assert seqs == list(range(1, 201))
         assert len({r.epoch for r in results}) == 1
@@ -64,7 +68,9 @@ async def test_two_brokers_sequencing_one_room_never_share_a_seq(fresh_redis: Re
             await b.close()
 
 
-async def test_sequence_publishes_spliced_frames_and_keeps_history(broker: tuple[RedisBroker, Recorder]) -> None:
+async def test_sequence_publishes_spliced_frames_and_keeps_history(
+    broker: tuple[RedisBroker, Recorder],
+) -> None:
     b, recorder = broker
     await b.subscribe(keys.room_channel("r"))
     result = await b.sequence("r", [item("r", "a"), item("r", "b")], 1000, 60)
@@ -96,7 +102,9 @@ async def test_history_is_bounded_by_size(broker: tuple[RedisBroker, Recorder]) 
     assert [seq for seq, _ in await b.history("small", 0, 12)] == [8, 9, 10, 11, 12]
 
 
-async def test_epoch_changes_when_redis_loses_the_room(broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer) -> None:
+async def test_epoch_changes_when_redis_loses_the_room(
+    broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
+) -> None:
     b, _ = broker
     seq, epoch = await b.open_room("e", 60)
     assert seq == 0
@@ -108,7 +116,9 @@ async def test_epoch_changes_when_redis_loses_the_room(broker: tuple[RedisBroker
     assert (await b.sequence("e", [item("e", "again")], 1000, 60)).seqs == [1]
 
 
-async def test_members_presence_and_dead_slots(broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer) -> None:
+async def test_members_presence_and_dead_slots(
+    broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
+) -> None:
     b, recorder = broker
     await b.subscribe(keys.room_channel("m"))
     assert await b.join("m", "h:0", "alice", b'{"p":"alice"}', 100, 15) == 1

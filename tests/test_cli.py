@@ -169,8 +169,17 @@ def test_serve_with_unreachable_redis_is_one_line_and_exit_2() -> None:
 
     port, metrics_port, nobody = free_ports(3)  # nothing listens on `nobody`
     result = rtc(
-        "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-        "--workers", "2", "--redis-url", f"redis://127.0.0.1:{nobody}",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--workers",
+        "2",
+        "--redis-url",
+        f"redis://127.0.0.1:{nobody}",
         env=clean_env(JWT_SECRET=SECRET),
     )
     assert result.returncode == 2

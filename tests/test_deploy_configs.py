@@ -196,9 +196,7 @@ def test_sysctl_keys_exist_and_fit_the_unit(unit: dict[str, list[str]]) -> None:
 
 def test_limits_dropin_is_well_formed() -> None:
     rows = [
-        line.split()
-        for line in LIMITS.read_text().splitlines()
-        if line.strip() and not line.startswith("#")
+        line.split() for line in LIMITS.read_text().splitlines() if line.strip() and not line.startswith("#")
     ]
     assert rows
     for _domain, kind, item, value in rows:
@@ -231,9 +229,7 @@ def rtc_env_names() -> set[str]:
     return {"RTC_" + flag.upper().replace("-", "_") for flag in flags}
 
 
-def test_env_example_names_only_rtc_settings(
-    unit: dict[str, list[str]], rtc_env_names: set[str]
-) -> None:
+def test_env_example_names_only_rtc_settings(unit: dict[str, list[str]], rtc_env_names: set[str]) -> None:
     """Each variable, set or commented out, is a flag of rtc serve; no secret in it."""
     names = _env_example_lines(uncomment=True)
     assert set(names) <= rtc_env_names, set(names) - rtc_env_names
@@ -263,12 +259,8 @@ def _exec_argv(unit: dict[str, list[str]], key: str) -> list[str]:
     return [str(RTC_BIN), *argv[1:]]
 
 
-@pytest.mark.parametrize(
-    "uncomment", [False, True], ids=["as-shipped", "every-example"]
-)
-def test_env_example_passes_check_config(
-    unit: dict[str, list[str]], tmp_path: Path, uncomment: bool
-) -> None:
+@pytest.mark.parametrize("uncomment", [False, True], ids=["as-shipped", "every-example"])
+def test_env_example_passes_check_config(unit: dict[str, list[str]], tmp_path: Path, uncomment: bool) -> None:
     """The unit's ExecStartPre accepts the example, the JWT secret coming as a credential."""
     variables = _env_example_lines(uncomment=uncomment)
     # A key file that does not exist here; Redis URLs that must not be dialled.
@@ -276,14 +268,10 @@ def test_env_example_passes_check_config(
         variables.pop(name, None)
     env = _service_environment(unit, variables, tmp_path)
     argv = _exec_argv(unit, "ExecStartPre")
-    result = subprocess.run(
-        argv, check=False, capture_output=True, text=True, env=env, timeout=60
-    )
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     del env["CREDENTIALS_DIRECTORY"]
-    result = subprocess.run(
-        argv, check=False, capture_output=True, text=True, env=env, timeout=60
-    )
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2, "without the jwt-secret credential rtc must refuse"
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -314,9 +302,7 @@ class _NotifySocket:
             for level, kind, payload in ancillary:
                 if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
                     pid = struct.unpack("iII", payload[:12])[0]
-            fields = dict(
-                line.split("=", 1) for line in data.decode().splitlines() if "=" in line
-            )
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.received.append((pid, fields))
             if key in fields and (value is None or fields[key] == value):
                 return fields
@@ -355,9 +341,7 @@ def test_unit_exec_lines_speak_sd_notify(unit: dict[str, list[str]]) -> None:
     log = (root / "rtc.log").open("wb")
     proc: subprocess.Popen[bytes] | None = None
     try:
-        pre = subprocess.run(
-            _exec_argv(unit, "ExecStartPre"), env=env, check=False, timeout=60
-        )
+        pre = subprocess.run(_exec_argv(unit, "ExecStartPre"), env=env, check=False, timeout=60)
         assert pre.returncode == 0
         # systemd sets WATCHDOG_PID to the main PID: the shell's, which exec keeps.
         proc = subprocess.Popen(
@@ -375,9 +359,7 @@ def test_unit_exec_lines_speak_sd_notify(unit: dict[str, list[str]]) -> None:
         )
         ready = notify.wait_for("READY", "1", timeout=60)
         assert ready.get("STATUS"), ready
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/health", timeout=5
-        ) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
             assert resp.status == 200
         notify.wait_for("WATCHDOG", "1", timeout=3)
 
@@ -406,18 +388,14 @@ def _assert_clean_haproxy_check(cfg: Path) -> None:
     result = check_haproxy(cfg)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Configuration file is valid" in result.stdout
-    assert "[WARNING]" not in result.stderr and "[ALERT]" not in result.stderr, (
-        result.stderr
-    )
+    assert "[WARNING]" not in result.stderr and "[ALERT]" not in result.stderr, result.stderr
 
 
 def test_haproxy_accepts_the_shipped_file() -> None:
     _assert_clean_haproxy_check(HAPROXY_CFG)
 
 
-@pytest.mark.parametrize(
-    "affinity", [False, True], ids=["leastconn", "affinity-variant"]
-)
+@pytest.mark.parametrize("affinity", [False, True], ids=["leastconn", "affinity-variant"])
 def test_haproxy_accepts_the_rendered_file(tmp_path: Path, affinity: bool) -> None:
     backends = [
         EchoBackend("b1", "127.0.0.2", 18081),
@@ -451,14 +429,10 @@ def test_haproxy_file_contract() -> None:
     timeouts = dict(re.findall(r"^\s+timeout (\S+) (\S+)$", text, flags=re.MULTILINE))
     assert timespan_seconds(timeouts["tunnel"]) >= 3 * WS_HEARTBEAT_S
     assert timespan_seconds(timeouts["http-request"]) <= 15
-    assert (
-        len(re.findall(r"^\s+server rtc\d+ (?!.*track)", text, flags=re.MULTILINE)) >= 2
-    )
+    assert len(re.findall(r"^\s+server rtc\d+ (?!.*track)", text, flags=re.MULTILINE)) >= 2
 
 
-@pytest.mark.parametrize(
-    "short_timeouts", [False, True], ids=["shipped-timeouts", "test-timeouts"]
-)
+@pytest.mark.parametrize("short_timeouts", [False, True], ids=["shipped-timeouts", "test-timeouts"])
 def test_nginx_accepts_the_rendered_files(tmp_path: Path, short_timeouts: bool) -> None:
     """nginx -t on the shipped files with only paths and addresses changed (and then timeouts)."""
     backends = [
@@ -474,9 +448,7 @@ def test_nginx_accepts_the_rendered_files(tmp_path: Path, short_timeouts: bool) 
     result = check_nginx(conf)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
-    assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr, (
-        result.stderr
-    )
+    assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr, result.stderr
 
 
 def test_nginx_file_contract() -> None:
@@ -485,18 +457,9 @@ def test_nginx_file_contract() -> None:
     assert re.search(r"map \$http_upgrade \$connection_upgrade", site)
     assert "least_conn;" in site
     assert "proxy_buffering off;" in site
-    assert (
-        len(
-            re.findall(
-                r"^\s+server \S+ max_fails=\d+ fail_timeout=\S+;", site, re.MULTILINE
-            )
-        )
-        >= 2
-    )
+    assert len(re.findall(r"^\s+server \S+ max_fails=\d+ fail_timeout=\S+;", site, re.MULTILINE)) >= 2
     read_timeout = re.search(r"proxy_read_timeout (\S+);", site)
-    assert (
-        read_timeout and timespan_seconds(read_timeout.group(1)) >= 3 * WS_HEARTBEAT_S
-    )
+    assert read_timeout and timespan_seconds(read_timeout.group(1)) >= 3 * WS_HEARTBEAT_S
     log_format = re.search(r"log_format rtc (.*?);\n", site, flags=re.DOTALL)
     assert log_format is not None
     for leaky in (
@@ -516,9 +479,7 @@ def test_nginx_file_contract() -> None:
 
 
 def _ctl(backend: EchoBackend, query: str = "") -> dict[str, object]:
-    with urllib.request.urlopen(
-        f"{backend.url}/_ctl?{query}", data=b"", timeout=5
-    ) as resp:
+    with urllib.request.urlopen(f"{backend.url}/_ctl?{query}", data=b"", timeout=5) as resp:
         answer: dict[str, object] = json.loads(resp.read())
         return answer
 
@@ -552,18 +513,14 @@ def proxy(
 
 
 @pytest.fixture
-def haproxy(
-    fresh_backends: list[EchoBackend], tmp_path: Path
-) -> Iterator[RunningProxy]:
+def haproxy(fresh_backends: list[EchoBackend], tmp_path: Path) -> Iterator[RunningProxy]:
     with run_haproxy(tmp_path / "haproxy", fresh_backends) as running:
         yield running
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=30)
-    ) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield session
 
 
@@ -578,9 +535,7 @@ async def _raw_request(proxy: RunningProxy, request_line: str) -> int:
     """Send one request byte for byte (clients normalise paths; an attacker does not)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        writer.write(
-            f"{request_line}\r\nHost: rtc.example\r\nConnection: close\r\n\r\n".encode()
-        )
+        writer.write(f"{request_line}\r\nHost: rtc.example\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         status_line = await asyncio.wait_for(reader.readline(), 5)
         return int(status_line.split()[1])
@@ -632,9 +587,7 @@ async def test_admin_surface_is_refused(
     assert [_ctl(b)["admin_hits"] for b in fresh_backends] == [0, 0]
 
 
-async def test_client_cannot_forge_its_address(
-    proxy: RunningProxy, http: aiohttp.ClientSession
-) -> None:
+async def test_client_cannot_forge_its_address(proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
     forged = {
         "X-Forwarded-For": "6.6.6.6",
         "Forwarded": "for=6.6.6.6",
@@ -696,9 +649,7 @@ async def test_slow_request_head_is_cut_off(proxy: RunningProxy) -> None:
         await writer.wait_closed()
 
 
-async def test_token_is_not_logged(
-    proxy: RunningProxy, http: aiohttp.ClientSession
-) -> None:
+async def test_token_is_not_logged(proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
     secret = "eyJSECRET.TOKEN.VALUE"
     async with http.ws_connect(f"{proxy.ws_url}/ws?session=s1&token={secret}") as ws:
         await _welcome_node(ws)
@@ -812,9 +763,7 @@ def _run_scale_down(
 
 
 def test_scale_down_script_is_valid_bash() -> None:
-    result = subprocess.run(
-        ["bash", "-n", str(SCALE_DOWN)], check=False, capture_output=True, text=True
-    )
+    result = subprocess.run(["bash", "-n", str(SCALE_DOWN)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert os.access(SCALE_DOWN, os.X_OK)
 
@@ -833,9 +782,7 @@ async def test_scale_down_drains_then_stops(
         calls = record.read_text().splitlines()
         assert calls[0] == "ops@host-1 sudo systemctl stop rtc"
         assert json.loads(calls[1])["active_connections"] == 0
-        polled = [
-            int(n) for n in re.findall(r"active_connections=(\d+)", result.stderr)
-        ]
+        polled = [int(n) for n in re.findall(r"active_connections=(\d+)", result.stderr)]
         assert polled[0] > 0 and polled[-1] == 0, result.stderr
         for ws in sockets:
             while (msg := await ws.receive(timeout=5)).type == aiohttp.WSMsgType.TEXT:

@@ -54,7 +54,9 @@ async def test_room_messages_reach_every_member_once_in_one_order(cluster: list[
             try:
                 await client.wait_messages("lobby", total, timeout=20)
             except TimeoutError:
-                raise AssertionError([(f["type"], f.get("seq"), f.get("code")) for f in client.seen if f["type"] != "presence"]) from None
+                raise AssertionError(
+                    [(f["type"], f.get("seq"), f.get("code")) for f in client.seen if f["type"] != "presence"]
+                ) from None
             seqs = [m["seq"] for m in client.messages("lobby")]
             base = seqs[0] if base is None else base
             assert seqs == list(range(base, base + total)), "gap, duplicate or reorder"
@@ -74,7 +76,9 @@ async def test_room_messages_reach_every_member_once_in_one_order(cluster: list[
         forwarded = 0.0
         for host in cluster:
             _, text = host.get("/metrics", {"Accept": "text/plain"})
-            forwarded += sum(float(v) for v in re.findall(rb"^rtc_forwarded_total\{[^}]*\} (\S+)$", text, re.M))
+            forwarded += sum(
+                float(v) for v in re.findall(rb"^rtc_forwarded_total\{[^}]*\} (\S+)$", text, re.M)
+            )
         assert forwarded > 0, "no publish was forwarded to another slot's owner"
 
         members = await clients[0].request("members", "members", room="lobby")
@@ -97,8 +101,13 @@ async def test_direct_message_crosses_hosts(cluster: list[Host]) -> None:
         assert ack["to"] == "bob" and ack["id"] == 7
         for bob in (bob_a, bob_b):
             frame = await bob.expect("direct")
-            assert frame == {"type": "direct", "from": "alice", "seq": ack["seq"], "data": "hi bob",
-                             "ts": frame["ts"]}
+            assert frame == {
+                "type": "direct",
+                "from": "alice",
+                "seq": ack["seq"],
+                "data": "hi bob",
+                "ts": frame["ts"],
+            }
         assert not [f for f in alice.seen if f["type"] == "direct"]
     finally:
         for c in (alice, bob_a, bob_b):
@@ -111,12 +120,16 @@ async def test_idle_worker_receives_no_room_traffic(cluster: list[Host]) -> None
     try:
         await a.join("solo-room")
         before = {h.node_id: h.get("/metrics", {"Accept": "text/plain"})[1] for h in cluster}
-        beta_total = sum(float(v) for v in re.findall(rb"^rtc_fanout_received_total\{[^}]*\} (\S+)$", before["beta"], re.M))
+        beta_total = sum(
+            float(v) for v in re.findall(rb"^rtc_fanout_received_total\{[^}]*\} (\S+)$", before["beta"], re.M)
+        )
         for n in range(5):
             await a.request("publish", "ack", room="solo-room", data=n)
         await a.wait_messages("solo-room", 5)
         after = cluster[1].get("/metrics", {"Accept": "text/plain"})[1]
-        beta_after = sum(float(v) for v in re.findall(rb"^rtc_fanout_received_total\{[^}]*\} (\S+)$", after, re.M))
+        beta_after = sum(
+            float(v) for v in re.findall(rb"^rtc_fanout_received_total\{[^}]*\} (\S+)$", after, re.M)
+        )
         assert beta_after == beta_total
     finally:
         await a.close()
@@ -126,8 +139,14 @@ def test_metrics_port_shows_seed_names(cluster: list[Host]) -> None:
     for host in cluster:
         status, text = host.get("/metrics", port=host.metrics_port)
         assert status == 200
-        for name in (b"active_connections", b"total_connections", b"messages_sent_total",
-                     b"messages_received_total", b"errors_total", b"rate_limit_denied_total"):
+        for name in (
+            b"active_connections",
+            b"total_connections",
+            b"messages_sent_total",
+            b"messages_received_total",
+            b"errors_total",
+            b"rate_limit_denied_total",
+        ):
             assert re.search(rb"^" + name + rb" \S+$", text, re.M), name
 
 
@@ -191,7 +210,9 @@ async def _publish_across_ring_change(first: Host, redis_url: str) -> None:
             try:
                 await client.wait_messages(room, 3, timeout=15)
             except TimeoutError:
-                raise AssertionError([f for f in client.seen if f["type"] not in ("presence",)][-40:]) from None
+                raise AssertionError(
+                    [f for f in client.seen if f["type"] not in ("presence",)][-40:]
+                ) from None
         for room in rooms:
             assert [m["seq"] for m in client.messages(room)] == [1, 2, 3]
     finally:

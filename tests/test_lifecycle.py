@@ -159,8 +159,7 @@ async def test_drain_migrates_everyone_without_loss() -> None:
                     await http.ws_connect(a.ws, params={"token": token("late")})
                 assert refused.value.status == 503
 
-            report = await asyncio.to_thread(
-                wait_for, lambda: _drain_done(a), 20, "drain report")
+            report = await asyncio.to_thread(wait_for, lambda: _drain_done(a), 20, "drain report")
             assert report["migrated"] == 20 and report["failed"] == 0
             assert json.loads(a.get("/metrics")[1])["active_connections"] == 0
             await asyncio.sleep(0.5)
@@ -217,8 +216,15 @@ async def test_sighup_rolls_workers_without_refusing_a_connection() -> None:
             await asyncio.sleep(0.3)
             host.signal(signal.SIGHUP)
             await asyncio.to_thread(
-                wait_for, lambda: not set(host.worker_pids()) & set(before) and len(host.worker_pids()) == 2
-                and host.healthy(), 60, "every worker replaced")
+                wait_for,
+                lambda: (
+                    not set(host.worker_pids()) & set(before)
+                    and len(host.worker_pids()) == 2
+                    and host.healthy()
+                ),
+                60,
+                "every worker replaced",
+            )
             await asyncio.sleep(0.5)
             stop.set()
             await asyncio.gather(*probes)
@@ -246,8 +252,11 @@ async def test_killed_worker_is_replaced_and_clients_resume_without_loss() -> No
             psutil.Process(victim).kill()
             killed_at = time.monotonic()
             await asyncio.to_thread(
-                wait_for, lambda: len(host.worker_pids()) == 2 and victim not in host.worker_pids(),
-                5, "replacement worker")
+                wait_for,
+                lambda: len(host.worker_pids()) == 2 and victim not in host.worker_pids(),
+                5,
+                "replacement worker",
+            )
             replaced_in = time.monotonic() - killed_at
             await asyncio.to_thread(wait_for, host.healthy, 5, "host healthy")
             await asyncio.sleep(1.5)

@@ -45,9 +45,7 @@ SEED_METRICS = frozenset(
         "rate_limit_denied_total",
     }
 )
-RTC_HISTOGRAMS = frozenset(
-    {"rtc_publish_to_deliver_seconds", "rtc_fanout_size", "rtc_redis_command_seconds"}
-)
+RTC_HISTOGRAMS = frozenset({"rtc_publish_to_deliver_seconds", "rtc_fanout_size", "rtc_redis_command_seconds"})
 RTC_METRICS = frozenset(
     {
         "rtc_connections",
@@ -95,9 +93,7 @@ def _alert_blocks(text: str) -> dict[str, str]:
     """Each `- alert:` rule of alerts.yml as its text, by alert name."""
     starts = list(re.finditer(r"^      - alert: (\w+)\n", text, flags=re.MULTILINE))
     ends = [m.start() for m in starts[1:]] + [len(text)]
-    return {
-        m.group(1): text[m.start() : end] for m, end in zip(starts, ends, strict=True)
-    }
+    return {m.group(1): text[m.start() : end] for m, end in zip(starts, ends, strict=True)}
 
 
 def _alert_exprs() -> dict[str, str]:
@@ -167,9 +163,7 @@ def test_each_alert_is_proven_to_fire(rules_copy: Path, alert: str) -> None:
 
 def test_each_alert_is_proven_quiet_too() -> None:
     """Every alert also has a case where it must not fire (below threshold or pending)."""
-    cases = re.findall(
-        r"alertname: (\w+)\n\s+exp_alerts:( \[\])?", ALERT_TESTS.read_text()
-    )
+    cases = re.findall(r"alertname: (\w+)\n\s+exp_alerts:( \[\])?", ALERT_TESTS.read_text())
     quiet = {name for name, empty in cases if empty}
     firing = {name for name, empty in cases if not empty}
     assert quiet == firing == set(_alert_exprs())
@@ -238,9 +232,7 @@ def test_dashboard_layout_is_sane(dashboard: dict[str, Any]) -> None:
     assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 30
 
 
-def test_every_dashboard_query_parses(
-    dashboard: dict[str, Any], tmp_path: Path
-) -> None:
+def test_every_dashboard_query_parses(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """promtool parses every target (Grafana variables expanded) as a recording rule."""
     rules = [
         {"record": f"grafana:{name}", "expr": expand_grafana(expr)}
@@ -259,17 +251,13 @@ def test_dashboard_reads_only_documented_metrics(dashboard: dict[str, Any]) -> N
         assert not unknown, f"{name} {expr}: {unknown}"
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
-            metric = re.fullmatch(
-                r"label_values\((\w+), *\w+\)", variable["definition"]
-            )
+            metric = re.fullmatch(r"label_values\((\w+), *\w+\)", variable["definition"])
             assert metric and metric.group(1) in DOCUMENTED_METRICS
 
 
 def test_dashboard_covers_every_documented_metric(dashboard: dict[str, Any]) -> None:
     """The seed's six panels, and a panel for each rtc_* metric."""
-    read = set().union(
-        *(metric_names(expand_grafana(e)) for e in _exprs(dashboard).values())
-    )
+    read = set().union(*(metric_names(expand_grafana(e)) for e in _exprs(dashboard).values()))
     wanted = SEED_METRICS | RTC_METRICS | {h + "_bucket" for h in RTC_HISTOGRAMS}
     assert wanted - read == set()
     titles = {p["title"] for p in _panels(dashboard)}
@@ -328,12 +316,8 @@ def test_metric_names_refuses_what_it_cannot_check(expr: str) -> None:
 
 
 def test_expand_grafana() -> None:
-    expr = (
-        'sum by (instance) (rate(x{instance=~"$instance", w="${w}"}[$__rate_interval]))'
-    )
-    assert expand_grafana(expr, {"w": "0"}) == (
-        'sum by (instance) (rate(x{instance=~".*", w="0"}[5m]))'
-    )
+    expr = 'sum by (instance) (rate(x{instance=~"$instance", w="${w}"}[$__rate_interval]))'
+    assert expand_grafana(expr, {"w": "0"}) == ('sum by (instance) (rate(x{instance=~".*", w="0"}[5m]))')
 
 
 def test_exposed_names_reads_a_real_exposition() -> None:

@@ -59,8 +59,16 @@ AUDIENCE = "rtc"
 ISSUER = "https://issuer.example"
 HANDSHAKE_TIMEOUT = 2.0
 EDGE_ARGS = (
-    "--jwt-audience", AUDIENCE, "--jwt-issuer", ISSUER, "--allowed-origins", ORIGIN,
-    "--log-level", "debug", "--handshake-timeout", str(HANDSHAKE_TIMEOUT),
+    "--jwt-audience",
+    AUDIENCE,
+    "--jwt-issuer",
+    ISSUER,
+    "--allowed-origins",
+    ORIGIN,
+    "--log-level",
+    "debug",
+    "--handshake-timeout",
+    str(HANDSHAKE_TIMEOUT),
 )
 FAST = ("--rate", "100000", "--rate-burst", "100000")
 MAX_MESSAGE_BYTES = 65536  # rtc's default --max-message-bytes
@@ -79,8 +87,10 @@ STARTED: list[Host] = []
 def _outcomes_header() -> Iterator[None]:
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     with ARTIFACT.open("a") as out:
-        out.write(f"\n## Run {datetime.now(UTC).isoformat(timespec='seconds')}\n\n"
-                  "| attack | expected | observed | test |\n| --- | --- | --- | --- |\n")
+        out.write(
+            f"\n## Run {datetime.now(UTC).isoformat(timespec='seconds')}\n\n"
+            "| attack | expected | observed | test |\n| --- | --- | --- | --- |\n"
+        )
     yield
 
 
@@ -124,8 +134,12 @@ def without(values: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in names}
 
 
-def forge(header: dict[str, Any], payload: dict[str, Any], key: bytes | None,
-          digest: Callable[..., Any] = hashlib.sha256) -> str:
+def forge(
+    header: dict[str, Any],
+    payload: dict[str, Any],
+    key: bytes | None,
+    digest: Callable[..., Any] = hashlib.sha256,
+) -> str:
     """A JWT built by hand: HMAC-signed with `key`, or unsigned when `key` is None."""
     signing_input = _b64(orjson.dumps(header)) + "." + _b64(orjson.dumps(payload))
     signature = "" if key is None else _b64(hmac.new(key, signing_input.encode(), digest).digest())
@@ -149,7 +163,7 @@ def flip_signature(value: str) -> str:
     head, payload, signature = value.split(".")
     middle = len(signature) // 2
     swapped = "A" if signature[middle] != "A" else "B"
-    return remember(f"{head}.{payload}.{signature[:middle]}{swapped}{signature[middle + 1:]}")
+    return remember(f"{head}.{payload}.{signature[:middle]}{swapped}{signature[middle + 1 :]}")
 
 
 def tamper_payload(value: str, **changes: Any) -> str:
@@ -163,8 +177,9 @@ def tamper_payload(value: str, **changes: Any) -> str:
 
 
 @contextlib.contextmanager
-def running(*node_ids: str, workers: int = 2, args: tuple[str, ...] = (),
-            env: dict[str, str] | None = None) -> Iterator[list[Host]]:
+def running(
+    *node_ids: str, workers: int = 2, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> Iterator[list[Host]]:
     """Hosts sharing a Redis of their own; everything stopped afterwards."""
     redis = start_redis()
     started: list[Host] = []
@@ -194,12 +209,14 @@ def rsa_key() -> rsa.RSAPrivateKey:
 
 @pytest.fixture(scope="module")
 def rsa_host(rsa_key: rsa.RSAPrivateKey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    pem = rsa_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = rsa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     key_file = tmp_path_factory.mktemp("rsa") / "public.pem"
     key_file.write_bytes(pem)
-    with running("rsa", workers=1,
-                 args=("--jwt-algorithms", "RS256", "--jwt-public-key", str(key_file))) as (host,):
+    with running("rsa", workers=1, args=("--jwt-algorithms", "RS256", "--jwt-public-key", str(key_file))) as (
+        host,
+    ):
         yield host
 
 
@@ -224,8 +241,9 @@ def prom(host: Host) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 def metric(snapshot: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
-    return sum(value for found, value in snapshot.get(name, [])
-               if all(found.get(k) == v for k, v in labels.items()))
+    return sum(
+        value for found, value in snapshot.get(name, []) if all(found.get(k) == v for k, v in labels.items())
+    )
 
 
 def rejected(snapshot: dict[str, list[tuple[dict[str, str], float]]], reason: str) -> float:
@@ -272,8 +290,9 @@ class RawWS:
     server answered, and every frame is the bytes the test chose (FIN, RSV1, lengths).
     """
 
-    def __init__(self, sock: socket.socket, status: int, headers: dict[str, str], body: bytes,
-                 buffer: bytes) -> None:
+    def __init__(
+        self, sock: socket.socket, status: int, headers: dict[str, str], body: bytes, buffer: bytes
+    ) -> None:
         self.sock = sock
         self.status = status
         self.headers = headers
@@ -281,9 +300,18 @@ class RawWS:
         self.buf = bytearray(buffer)
 
     @classmethod
-    def open(cls, host: Host, *, token: str | None = None, params: dict[str, str] | None = None,
-             headers: dict[str, str] | None = None, path: str = "/ws", source: str | None = None,
-             rcvbuf: int | None = None, timeout: float = 5.0) -> RawWS:
+    def open(
+        cls,
+        host: Host,
+        *,
+        token: str | None = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        path: str = "/ws",
+        source: str | None = None,
+        rcvbuf: int | None = None,
+        timeout: float = 5.0,
+    ) -> RawWS:
         query = dict(params or {})
         if token is not None:
             query["token"] = remember(token)
@@ -297,8 +325,14 @@ class RawWS:
             sock.settimeout(timeout)
             sock.connect((host.host, host.port))
             key = base64.b64encode(os.urandom(16)).decode()
-            lines = [f"GET {target} HTTP/1.1", f"Host: {host.host}:{host.port}", "Upgrade: websocket",
-                     "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+            lines = [
+                f"GET {target} HTTP/1.1",
+                f"Host: {host.host}:{host.port}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {key}",
+                "Sec-WebSocket-Version: 13",
+            ]
             lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
             data = b""
@@ -316,8 +350,9 @@ class RawWS:
                 found[name.strip().lower()] = value.strip()
             body = b""
             if status == 101:
-                accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
-                                                       .encode()).digest()).decode()
+                accept = base64.b64encode(
+                    hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+                ).decode()
                 assert found.get("sec-websocket-accept") == accept, found
             else:
                 length = int(found.get("content-length", "0"))
@@ -337,8 +372,15 @@ class RawWS:
 
     # -- frames out ----------------------------------------------------------------------
 
-    def send_frame(self, opcode: int, payload: bytes = b"", *, fin: bool = True, rsv1: bool = False,
-                   declared_length: int | None = None) -> None:
+    def send_frame(
+        self,
+        opcode: int,
+        payload: bytes = b"",
+        *,
+        fin: bool = True,
+        rsv1: bool = False,
+        declared_length: int | None = None,
+    ) -> None:
         length = len(payload) if declared_length is None else declared_length
         first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
         if length < 126:
@@ -375,8 +417,8 @@ class RawWS:
             (length,) = struct.unpack("!Q", self.buf[2:10])
             offset = 10
         self._need(offset + length)
-        payload = bytes(self.buf[offset:offset + length])
-        del self.buf[:offset + length]
+        payload = bytes(self.buf[offset : offset + length])
+        del self.buf[: offset + length]
         return first & 0x0F, payload
 
     def frames_until(self, kind: str) -> list[dict[str, Any]]:
@@ -483,16 +525,22 @@ def test_bad_tokens_get_401_before_the_upgrade(edge: Host, record: Record) -> No
         ("no `iss`", {"token": hs256(without(good, "iss"))}),
         ("alg=none, unsigned", {"token": forge({"alg": "none", "typ": "JWT"}, good, None)}),
         ("alg=None, unsigned", {"token": forge({"alg": "None", "typ": "JWT"}, good, None)}),
-        ("HS512 with the right secret (algorithm not pinned)",
-         {"token": forge({"alg": "HS512", "typ": "JWT"}, good, SECRET.encode(), hashlib.sha512)}),
+        (
+            "HS512 with the right secret (algorithm not pinned)",
+            {"token": forge({"alg": "HS512", "typ": "JWT"}, good, SECRET.encode(), hashlib.sha512)},
+        ),
         ("HS256 signed with another secret", {"token": hs256(good, other_secret)}),
         ("flipped signature", {"token": flip_signature(valid)}),
         ("payload rewritten (sub), signature kept", {"token": tamper_payload(valid, sub="admin")}),
         ("no `sub`", {"token": hs256(without(good, "sub"))}),
         ("garbage", {"token": "not.a.jwt"}),
-        ("query and Authorization tokens disagree",
-         {"token": edge_token("alice"),
-          "headers": {"Authorization": "Bearer " + remember(edge_token("bob"))}}),
+        (
+            "query and Authorization tokens disagree",
+            {
+                "token": edge_token("alice"),
+                "headers": {"Authorization": "Bearer " + remember(edge_token("bob"))},
+            },
+        ),
         ("Authorization: Basic", {"headers": {"Authorization": "Basic dXNlcjpwYXNz"}}),
     ]
     before = prom(edge)
@@ -500,22 +548,26 @@ def test_bad_tokens_get_401_before_the_upgrade(edge: Host, record: Record) -> No
     for name, kwargs in cases:
         headers = {"Origin": ORIGIN, **kwargs.get("headers", {})}
         status, reason, shut = refused(edge, token=kwargs.get("token"), headers=headers)
-        record(f"token: {name}", "401 before the upgrade",
-               f"{status} ({reason}), socket never opened: {shut}")
+        record(
+            f"token: {name}", "401 before the upgrade", f"{status} ({reason}), socket never opened: {shut}"
+        )
         if (status, reason, shut) != (401, "auth", True):
             failures.append((name, status, reason, shut))
     after = prom(edge)
 
     controls: list[tuple[str, dict[str, Any]]] = [
         ("valid token", {"token": valid}),
-        ("same token in query and Authorization",
-         {"token": valid, "headers": {"Authorization": "Bearer " + valid}}),
+        (
+            "same token in query and Authorization",
+            {"token": valid, "headers": {"Authorization": "Bearer " + valid}},
+        ),
         ("token only in Authorization", {"headers": {"Authorization": "Bearer " + valid}}),
         ("expired 10 s ago (inside the 30 s leeway)", {"token": hs256({**good, "exp": now - 10})}),
     ]
     for name, kwargs in controls:
-        status, welcome = upgraded(edge, token=kwargs.get("token"),
-                                   headers={"Origin": ORIGIN, **kwargs.get("headers", {})})
+        status, welcome = upgraded(
+            edge, token=kwargs.get("token"), headers={"Origin": ORIGIN, **kwargs.get("headers", {})}
+        )
         record(f"control: {name}", "101 + welcome", f"{status}, welcome user {welcome and welcome['user']}")
         if status != 101 or not welcome or welcome["user"] != "victim":
             failures.append((name, status, welcome))
@@ -525,12 +577,15 @@ def test_bad_tokens_get_401_before_the_upgrade(edge: Host, record: Record) -> No
     assert metric(after, "errors_total") - metric(before, "errors_total") == len(cases)
 
 
-def test_rs256_host_takes_rs256_and_refuses_key_confusion(rsa_host: Host, rsa_key: rsa.RSAPrivateKey,
-                                                          record: Record) -> None:
-    pem = rsa_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    der = rsa_key.public_key().public_bytes(serialization.Encoding.DER,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+def test_rs256_host_takes_rs256_and_refuses_key_confusion(
+    rsa_host: Host, rsa_key: rsa.RSAPrivateKey, record: Record
+) -> None:
+    pem = rsa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    der = rsa_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     good = claims("rs-user")
     attacker_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     attacker_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(attacker_key.public_key()))
@@ -541,8 +596,10 @@ def test_rs256_host_takes_rs256_and_refuses_key_confusion(rsa_host: Host, rsa_ke
         ("HS256 with the JWT_SECRET still in the host's environment", hs256(good)),
         ("alg=none", forge({"alg": "none", "typ": "JWT"}, good, None)),
         ("RS256 signed by another private key", remember(jwt.encode(good, attacker_key, "RS256"))),
-        ("RS256 by another key, its public key embedded as `jwk` header",
-         remember(jwt.encode(good, attacker_key, "RS256", headers={"jwk": attacker_jwk}))),
+        (
+            "RS256 by another key, its public key embedded as `jwk` header",
+            remember(jwt.encode(good, attacker_key, "RS256", headers={"jwk": attacker_jwk})),
+        ),
         ("RS256, flipped signature", flip_signature(remember(jwt.encode(good, rsa_key, "RS256")))),
         ("RS256 without `exp`", remember(jwt.encode(without(good, "exp"), rsa_key, "RS256"))),
     ]
@@ -582,8 +639,11 @@ def test_foreign_origin_gets_403_before_the_upgrade(edge: Host, record: Record) 
         headers = {} if origin is None else {"Origin": origin}
         status, reason, shut = refused(edge, token=value, headers=headers)
         label = "no Origin header" if origin is None else f"Origin {origin}"
-        record(f"{label}{'' if value else ', no token'}", "403 before the upgrade",
-               f"{status} ({reason}), never opened: {shut}")
+        record(
+            f"{label}{'' if value else ', no token'}",
+            "403 before the upgrade",
+            f"{status} ({reason}), never opened: {shut}",
+        )
         if (status, reason, shut) != (403, "origin", True):
             failures.append((origin, status, reason))
     status, welcome = upgraded(edge, token=valid, headers={"Origin": ORIGIN})
@@ -634,8 +694,9 @@ def secret_seqs(client: Client) -> list[int]:
     return [f["seq"] for f in client.seen if f["type"] == "message" and f["room"] == SECRET_ROOM]
 
 
-async def connect_placed(host: Host, user: str, value: str, count_by_worker: dict[str, list[Client]],
-                         want: int, limit: int = 40) -> None:
+async def connect_placed(
+    host: Host, user: str, value: str, count_by_worker: dict[str, list[Client]], want: int, limit: int = 40
+) -> None:
     """Connect until every worker of `host` holds `want` of these clients (the kernel spreads
     connections by hash; the worker of each is read from `rtc_connections{worker}`)."""
     for _ in range(limit):
@@ -692,10 +753,12 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
                     refusals.append((f"{kind} {fields['room']}", error["code"]))
                     assert error["code"] == reply, (kind, fields, error)
                 assert (await client.join(PUBLIC_ROOM))["room"] == PUBLIC_ROOM  # what it may do
-            record("outsider (rooms: public.*) joins secret.room / @alice, publishes to secret.room, "
-                   "asks its members", "forbidden / forbidden / not_joined / not_joined",
-                   f"{len(outsiders)} sockets on workers {placement}: "
-                   f"{sorted(set(refusals))}")
+            record(
+                "outsider (rooms: public.*) joins secret.room / @alice, publishes to secret.room, "
+                "asks its members",
+                "forbidden / forbidden / not_joined / not_joined",
+                f"{len(outsiders)} sockets on workers {placement}: {sorted(set(refusals))}",
+            )
 
             # -- escalation attempts through `refresh` and a stolen session id
             probe = outsiders[0]
@@ -706,9 +769,11 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
             assert answer2["code"] == "forbidden"
             still = await probe.request("join", "error", room=SECRET_ROOM)
             assert still["code"] == "forbidden"
-            record("outsider refreshes with a forged token (rooms: *) / with alice's token",
-                   "forbidden, old rights kept", f"{answer['code']} / {answer2['code']}, "
-                   f"then join {SECRET_ROOM}: {still['code']}")
+            record(
+                "outsider refreshes with a forged token (rooms: *) / with alice's token",
+                "forbidden, old rights kept",
+                f"{answer['code']} / {answer2['code']}, then join {SECRET_ROOM}: {still['code']}",
+            )
 
             # -- the authorized side joins, then publishes 10,400 messages from both hosts
             for client in members:
@@ -718,9 +783,12 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
             hijack = await Client.connect(cluster[1].ws, "mallory", token=outsider, session=alice_sid)
             everyone.append(hijack)
             outsiders.append(hijack)
-            record("outsider connects with alice's session id (`?session=`)", "fresh session, resumed false",
-                   f"resumed {hijack.welcome['resumed']}, "
-                   f"same session: {hijack.welcome['session'] == alice_sid}")
+            record(
+                "outsider connects with alice's session id (`?session=`)",
+                "fresh session, resumed false",
+                f"resumed {hijack.welcome['resumed']}, "
+                f"same session: {hijack.welcome['session'] == alice_sid}",
+            )
             assert hijack.welcome["resumed"] is False and hijack.welcome["session"] != alice_sid
             await hijack.join(PUBLIC_ROOM)
 
@@ -734,27 +802,44 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
                 while sent < PER_PUBLISHER:
                     batch = min(WINDOW, PER_PUBLISHER - sent)
                     for n in range(sent, sent + batch):
-                        await client.ws.send_str(orjson.dumps(
-                            {"type": "publish", "room": SECRET_ROOM, "data": {"m": MARK, "p": index, "n": n}}
-                        ).decode())
+                        await client.ws.send_str(
+                            orjson.dumps(
+                                {
+                                    "type": "publish",
+                                    "room": SECRET_ROOM,
+                                    "data": {"m": MARK, "p": index, "n": n},
+                                }
+                            ).decode()
+                        )
                     sent += batch
                     await until(functools.partial(tally.reached, sent - WINDOW), 30, f"pub{index} acks", 0.01)
                 await until(functools.partial(tally.reached, PER_PUBLISHER), 30, f"pub{index} acks", 0.01)
                 return tally
 
             tallies = await asyncio.wait_for(
-                asyncio.gather(*(pump(c, i) for i, c in enumerate(publishers))), 60)
+                asyncio.gather(*(pump(c, i) for i, c in enumerate(publishers))), 60
+            )
             errors = [e for t in tallies for e in t.errors]
             assert not errors, errors[:5]
-            await until(lambda: all(len(secret_seqs(c)) >= total for c in members), 30,
-                        "every member to receive every message", 0.1)
+            await until(
+                lambda: all(len(secret_seqs(c)) >= total for c in members),
+                30,
+                "every member to receive every message",
+                0.1,
+            )
             seconds = time.monotonic() - started
 
             # -- proof the outsiders were alive and listening the whole time
             await publishers[0].join(PUBLIC_ROOM)
             await publishers[0].request("publish", "ack", room=PUBLIC_ROOM, data="after the flood")
-            await until(lambda: all(any(f["type"] == "message" and f["room"] == PUBLIC_ROOM for f in c.seen)
-                                    for c in outsiders), 10, "outsiders to get the public message")
+            await until(
+                lambda: all(
+                    any(f["type"] == "message" and f["room"] == PUBLIC_ROOM for f in c.seen)
+                    for c in outsiders
+                ),
+                10,
+                "outsiders to get the public message",
+            )
             await asyncio.sleep(0.3)  # anything late would be here by now
 
             leaked = []
@@ -768,16 +853,21 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
             frames_seen = sum(len(c.seen) for c in outsiders)
             # Every worker that holds outsiders wrote every secret message to its local sockets
             # (its authorized reader sits next to them): the filter is per socket, not per worker.
-            fanout = {f"{h.node_id}:{w}": metric(prom(h), "rtc_deliveries_total", worker=w)
-                      - metric(fanout_before[h.node_id], "rtc_deliveries_total", worker=w)
-                      for h in cluster for w in ("0", "1")}
+            fanout = {
+                f"{h.node_id}:{w}": metric(prom(h), "rtc_deliveries_total", worker=w)
+                - metric(fanout_before[h.node_id], "rtc_deliveries_total", worker=w)
+                for h in cluster
+                for w in ("0", "1")
+            }
             complete = all(secret_seqs(c) == list(range(1, total + 1)) for c in members)
-            record(f"{total} publishes to {SECRET_ROOM} from 2 hosts x 2 workers "
-                   f"({seconds:.1f} s) while outsiders sit on every worker",
-                   "0 delivered to outsiders; members get all, in order",
-                   f"{len(leaked)} of {frames_seen} outsider frames carried it (kinds {sorted(kinds)}); "
-                   f"{len(members)} members complete 1..{total}: {complete}; secret frames each worker "
-                   f"wrote to its authorized sockets (rtc_deliveries_total): {fanout}")
+            record(
+                f"{total} publishes to {SECRET_ROOM} from 2 hosts x 2 workers "
+                f"({seconds:.1f} s) while outsiders sit on every worker",
+                "0 delivered to outsiders; members get all, in order",
+                f"{len(leaked)} of {frames_seen} outsider frames carried it (kinds {sorted(kinds)}); "
+                f"{len(members)} members complete 1..{total}: {complete}; secret frames each worker "
+                f"wrote to its authorized sockets (rtc_deliveries_total): {fanout}",
+            )
             assert not leaked, leaked[:5]
             assert complete
             assert all(n >= total for n in fanout.values()), fanout
@@ -788,8 +878,14 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
 # ============================================================================ 4. admin surface
 
 
-ADMIN_PATHS = [("GET", "/admin/ring"), ("GET", "/admin/drain"), ("GET", "/dashboard"),
-               ("GET", "/dashboard/data"), ("POST", "/admin/drain"), ("DELETE", "/admin/drain")]
+ADMIN_PATHS = [
+    ("GET", "/admin/ring"),
+    ("GET", "/admin/drain"),
+    ("GET", "/dashboard"),
+    ("GET", "/dashboard/data"),
+    ("POST", "/admin/drain"),
+    ("DELETE", "/admin/drain"),
+]
 READ_ONLY = [p for p in ADMIN_PATHS if p[0] == "GET"]
 
 
@@ -813,36 +909,60 @@ def test_admin_endpoints_refuse_proxied_and_non_admin_requests(edge: Host, recor
         ("loopback + X-Forwarded-For: 203.0.113.9", {"X-Forwarded-For": "203.0.113.9"}, ""),
         ("loopback + Forwarded: for=127.0.0.1", {"Forwarded": "for=127.0.0.1"}, ""),
         ("loopback + X-Real-IP: 127.0.0.1", {"X-Real-IP": "127.0.0.1"}, ""),
-        ("non-admin token (Bearer) via a proxy", {"X-Forwarded-For": "203.0.113.9",
-                                                 "Authorization": f"Bearer {user}"}, ""),
+        (
+            "non-admin token (Bearer) via a proxy",
+            {"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {user}"},
+            "",
+        ),
         ("non-admin token (?token=) via a proxy", {"X-Forwarded-For": "203.0.113.9"}, user),
-        ('token with admin: "true" (a string) via a proxy', {"X-Forwarded-For": "203.0.113.9"},
-         edge_token("ops", admin="true")),
-        ("expired admin token via a proxy", {"X-Forwarded-For": "203.0.113.9"},
-         hs256(edge_claims("ops", admin=True, exp=int(time.time()) - 120))),
-        ("admin token for another audience via a proxy", {"X-Forwarded-For": "203.0.113.9"},
-         hs256(edge_claims("ops", admin=True, aud="other-service"))),
-        ("admin token signed with another secret via a proxy", {"X-Forwarded-For": "203.0.113.9"},
-         hs256(edge_claims("ops", admin=True), b"attacker-secret-0123456789abcdef-01")),
-        ("admin token with alg=none via a proxy", {"X-Forwarded-For": "203.0.113.9"},
-         forge({"alg": "none"}, edge_claims("ops", admin=True), None)),
+        (
+            'token with admin: "true" (a string) via a proxy',
+            {"X-Forwarded-For": "203.0.113.9"},
+            edge_token("ops", admin="true"),
+        ),
+        (
+            "expired admin token via a proxy",
+            {"X-Forwarded-For": "203.0.113.9"},
+            hs256(edge_claims("ops", admin=True, exp=int(time.time()) - 120)),
+        ),
+        (
+            "admin token for another audience via a proxy",
+            {"X-Forwarded-For": "203.0.113.9"},
+            hs256(edge_claims("ops", admin=True, aud="other-service")),
+        ),
+        (
+            "admin token signed with another secret via a proxy",
+            {"X-Forwarded-For": "203.0.113.9"},
+            hs256(edge_claims("ops", admin=True), b"attacker-secret-0123456789abcdef-01"),
+        ),
+        (
+            "admin token with alg=none via a proxy",
+            {"X-Forwarded-For": "203.0.113.9"},
+            forge({"alg": "none"}, edge_claims("ops", admin=True), None),
+        ),
     ]
     failures: list[tuple[Any, ...]] = []
     for name, headers, value in refusals:
-        statuses = {f"{m} {p}": http(edge, m, p + (f"?token={value}" if value else ""), headers)
-                    for m, p in ADMIN_PATHS}
+        statuses = {
+            f"{m} {p}": http(edge, m, p + (f"?token={value}" if value else ""), headers)
+            for m, p in ADMIN_PATHS
+        }
         record(f"admin: {name}", "403 on every admin path", json.dumps(statuses))
         if set(statuses.values()) != {403}:
             failures.append((name, statuses))
     allowed = [
         ("plain loopback (no forwarding header)", {}, ""),
-        ("admin token (Bearer) via a proxy",
-         {"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {admin}"}, ""),
+        (
+            "admin token (Bearer) via a proxy",
+            {"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {admin}"},
+            "",
+        ),
         ("admin token (?token=) via a proxy", {"Forwarded": "for=203.0.113.9"}, admin),
     ]
     for name, headers, value in allowed:
-        statuses = {f"{m} {p}": http(edge, m, p + (f"?token={value}" if value else ""), headers)
-                    for m, p in READ_ONLY}
+        statuses = {
+            f"{m} {p}": http(edge, m, p + (f"?token={value}" if value else ""), headers) for m, p in READ_ONLY
+        }
         record(f"admin: {name}", "200 on the read-only admin paths", json.dumps(statuses))
         if set(statuses.values()) != {200}:
             failures.append((name, statuses))
@@ -870,8 +990,11 @@ async def test_oversized_frame_is_closed_1009_and_exact_max_is_served(edge: Host
     finally:
         await client.close()
     record(f"text frame of exactly --max-message-bytes ({MAX_MESSAGE_BYTES})", "served", pong["type"])
-    record(f"text frame of --max-message-bytes + 1 ({MAX_MESSAGE_BYTES + 1})", "close 1009",
-           f"close {client.close_code}")
+    record(
+        f"text frame of --max-message-bytes + 1 ({MAX_MESSAGE_BYTES + 1})",
+        "close 1009",
+        f"close {client.close_code}",
+    )
     assert client.close_code == 1009
 
     raw = edge_raw(edge, "liar")
@@ -880,8 +1003,11 @@ async def test_oversized_frame_is_closed_1009_and_exact_max_is_served(edge: Host
         code, _ = raw.close_outcome(5)
     finally:
         raw.close()
-    record("frame header declaring a 1 TiB payload (nothing sent after it)", "close 1009 at once",
-           f"close {code}")
+    record(
+        "frame header declaring a 1 TiB payload (nothing sent after it)",
+        "close 1009 at once",
+        f"close {code}",
+    )
     assert code == 1009
 
 
@@ -901,11 +1027,16 @@ async def test_no_compression_is_negotiated_so_no_bomb_can_be_inflated(edge: Hos
     finally:
         raw.close()
     rss_after = max(psutil.Process(p).memory_info().rss for p in pids)
-    record("client offers permessage-deflate", "no Sec-WebSocket-Extensions in the 101",
-           f"Sec-WebSocket-Extensions: {extensions!r}")
-    record(f"compressed (RSV1) frame inflating to 32 MiB ({len(body)} bytes on the wire)",
-           "close 1002 (RSV1 not negotiated), nothing inflated",
-           f"close {code}; worker RSS {rss_before >> 20} -> {rss_after >> 20} MiB")
+    record(
+        "client offers permessage-deflate",
+        "no Sec-WebSocket-Extensions in the 101",
+        f"Sec-WebSocket-Extensions: {extensions!r}",
+    )
+    record(
+        f"compressed (RSV1) frame inflating to 32 MiB ({len(body)} bytes on the wire)",
+        "close 1002 (RSV1 not negotiated), nothing inflated",
+        f"close {code}; worker RSS {rss_before >> 20} -> {rss_after >> 20} MiB",
+    )
     assert extensions is None
     assert code == 1002
     assert rss_after - rss_before < 16 << 20
@@ -925,8 +1056,11 @@ async def test_fragment_flood_is_closed_1009_and_the_worker_survives(edge: Host,
         code, _ = raw.close_outcome(5)
     finally:
         raw.close()
-    record(f"continuation fragments (FIN=0) of 1 kB adding up past {MAX_MESSAGE_BYTES} bytes",
-           "close 1009", f"close {code} after {sent} bytes sent")
+    record(
+        f"continuation fragments (FIN=0) of 1 kB adding up past {MAX_MESSAGE_BYTES} bytes",
+        "close 1009",
+        f"close {code} after {sent} bytes sent",
+    )
     assert code == 1009
 
     # Many tiny fragments under the limit are reassembled and served (the count is not a weapon).
@@ -959,8 +1093,9 @@ async def test_frame_level_rejections_are_counted(edge: Host, record: Record) ->
         raw.close()
     await asyncio.sleep(0.2)
     after = metric(prom(edge), "errors_total")
-    record("oversized frame (close 1009): counted in errors_total", "+1",
-           f"close {code}, +{after - before:g}")
+    record(
+        "oversized frame (close 1009): counted in errors_total", "+1", f"close {code}, +{after - before:g}"
+    )
     assert code == 1009
     assert after - before >= 1
 
@@ -989,12 +1124,15 @@ async def test_rate_flood_gets_rate_limited_then_1008(edge: Host, record: Record
     limited = sum(1 for f in flooder.seen if f["type"] == "error" and f["code"] == "rate_limited")
     denied = metric(after, "rate_limit_denied_total") - metric(before, "rate_limit_denied_total")
     errors = metric(after, "errors_total") - metric(before, "errors_total")
-    frames = metric(after, "rtc_errors_total", code="rate_limited") - metric(before, "rtc_errors_total",
-                                                                          code="rate_limited")
-    record("400 pings as fast as possible (--rate 20, --rate-burst 40)",
-           "rate_limited errors, then close 1008 after >100 denials in 10 s",
-           f"{pongs} pongs, {limited} rate_limited, close {flooder.close_code}; "
-           f"rate_limit_denied_total +{denied:g}, errors_total +{errors:g}")
+    frames = metric(after, "rtc_errors_total", code="rate_limited") - metric(
+        before, "rtc_errors_total", code="rate_limited"
+    )
+    record(
+        "400 pings as fast as possible (--rate 20, --rate-burst 40)",
+        "rate_limited errors, then close 1008 after >100 denials in 10 s",
+        f"{pongs} pongs, {limited} rate_limited, close {flooder.close_code}; "
+        f"rate_limit_denied_total +{denied:g}, errors_total +{errors:g}",
+    )
     assert 40 <= pongs <= 60
     assert limited == 101  # the 101st denial within 10 s closes
     assert flooder.close_code == 1008
@@ -1079,39 +1217,50 @@ async def test_slow_consumers_are_closed_and_memory_stays_bounded(record: Record
             started = time.monotonic()
             while (elapsed := time.monotonic() - started) < PUBLISH_SECONDS:
                 for _ in range(int(elapsed * PUBLISH_RATE) - sent):
-                    await publisher.ws.send_str(orjson.dumps(
-                        {"type": "publish", "room": SLOW_ROOM, "data": {"n": sent, "pad": payload}}).decode())
+                    await publisher.ws.send_str(
+                        orjson.dumps(
+                            {"type": "publish", "room": SLOW_ROOM, "data": {"n": sent, "pad": payload}}
+                        ).decode()
+                    )
                     sent += 1
                 await asyncio.sleep(0.005)
             rate = sent / (time.monotonic() - started)
             await until(lambda: tally.update() >= sent, 15, "every publish acked")
             assert not tally.errors, tally.errors[:5]
-            await until(lambda: all(sum(f["type"] == "message" for f in c.seen) >= sent for c in healthy),
-                        15, "healthy members to receive everything")
+            await until(
+                lambda: all(sum(f["type"] == "message" for f in c.seen) >= sent for c in healthy),
+                15,
+                "healthy members to receive everything",
+            )
             # The slow ones were told 1013; their close cannot be flushed, so they are aborted <= 5 s later.
             await until(lambda: active(host) == len(healthy), 15, "slow consumers to be gone", 0.2)
             sampler.stop()
             after = prom(host)
             outcomes = await asyncio.to_thread(lambda: [r.close_outcome(2)[0] for r in slow])
 
-            cut = metric(after, "rtc_slow_consumer_disconnects_total") - metric(before,
-                                                                              "rtc_slow_consumer_disconnects_total")
+            cut = metric(after, "rtc_slow_consumer_disconnects_total") - metric(
+                before, "rtc_slow_consumer_disconnects_total"
+            )
             complete = [
                 sorted(f["seq"] for f in c.seen if f["type"] == "message") == list(range(1, sent + 1))
                 for c in healthy
             ]
             peak_mb = sampler.peak / 2**20
             summary = {str(o): outcomes.count(o) for o in set(outcomes)}
-            print(f"\nslow consumers: max worker RSS {peak_mb:.1f} MiB "
-                  f"(baseline {sampler.baseline / 2**20:.1f} MiB, bound {RSS_BOUND_MB} MiB); "
-                  f"{sent} publishes at {rate:.0f}/s; disconnects +{cut:g}; "
-                  f"client side {summary}; per worker {per_worker}")
-            record(f"{SLOW_SOCKETS} sockets that never read (SO_RCVBUF 4 KiB) in a room getting "
-                   f"{rate:.0f} msg/s x {PUBLISH_SECONDS:g} s, --send-queue-bytes {SEND_QUEUE}",
-                   f"all closed (1013/abort), healthy lose nothing, worker RSS < {RSS_BOUND_MB} MiB",
-                   f"rtc_slow_consumer_disconnects_total +{cut:g}, active_connections -> {active(host)}, "
-                   f"client side {summary}; healthy complete {complete}; max worker RSS {peak_mb:.1f} MiB "
-                   f"(baseline {sampler.baseline / 2**20:.1f} MiB)")
+            print(
+                f"\nslow consumers: max worker RSS {peak_mb:.1f} MiB "
+                f"(baseline {sampler.baseline / 2**20:.1f} MiB, bound {RSS_BOUND_MB} MiB); "
+                f"{sent} publishes at {rate:.0f}/s; disconnects +{cut:g}; "
+                f"client side {summary}; per worker {per_worker}"
+            )
+            record(
+                f"{SLOW_SOCKETS} sockets that never read (SO_RCVBUF 4 KiB) in a room getting "
+                f"{rate:.0f} msg/s x {PUBLISH_SECONDS:g} s, --send-queue-bytes {SEND_QUEUE}",
+                f"all closed (1013/abort), healthy lose nothing, worker RSS < {RSS_BOUND_MB} MiB",
+                f"rtc_slow_consumer_disconnects_total +{cut:g}, active_connections -> {active(host)}, "
+                f"client side {summary}; healthy complete {complete}; max worker RSS {peak_mb:.1f} MiB "
+                f"(baseline {sampler.baseline / 2**20:.1f} MiB)",
+            )
             assert cut == SLOW_SOCKETS
             assert all(complete)
             assert peak_mb < RSS_BOUND_MB
@@ -1165,9 +1314,11 @@ def test_connection_flood_from_one_ip_gets_429(flood: Host, record: Record) -> N
     finally:
         _close_all(flood, sockets)
     after = prom(flood)
-    record("21st concurrent connection from 127.0.0.1 (--max-connections-per-ip 20, 2 workers)",
-           "429 before the upgrade", f"{status} (20 spread over workers as {spread}); "
-           f"another address: {other[0].status}")
+    record(
+        "21st concurrent connection from 127.0.0.1 (--max-connections-per-ip 20, 2 workers)",
+        "429 before the upgrade",
+        f"{status} (20 spread over workers as {spread}); another address: {other[0].status}",
+    )
     assert status == 429
     assert other[0].status == 101
     assert rejected(after, "per_ip") - rejected(before, "per_ip") == 1
@@ -1188,11 +1339,14 @@ def test_per_ip_cap_on_a_one_worker_host_gets_429(record: Record) -> None:
             _close_all(host, sockets)
         after = prom(host)
         denied = rejected(after, "per_ip") - rejected(before, "per_ip")
-        record("21st-23rd concurrent connections from 127.0.0.1, spoofing X-Forwarded-For "
-               "(--max-connections-per-ip 20, 1 worker, no --trusted-proxies)",
-               "429 before the upgrade, counted", f"statuses 1-20: {sorted(set(statuses[:20]))}, "
-               f"21st-23rd (each with another X-Forwarded-For): {statuses[20:]}; another address: "
-               f"{other[0].status}; per_ip +{denied:g}")
+        record(
+            "21st-23rd concurrent connections from 127.0.0.1, spoofing X-Forwarded-For "
+            "(--max-connections-per-ip 20, 1 worker, no --trusted-proxies)",
+            "429 before the upgrade, counted",
+            f"statuses 1-20: {sorted(set(statuses[:20]))}, "
+            f"21st-23rd (each with another X-Forwarded-For): {statuses[20:]}; another address: "
+            f"{other[0].status}; per_ip +{denied:g}",
+        )
         assert statuses == [101] * 20 + [429] * 3
         assert other[0].status == 101
         assert denied == 3
@@ -1217,9 +1371,12 @@ def test_connection_flood_beyond_the_host_cap_gets_503(flood: Host, record: Reco
     finally:
         _close_all(flood, sockets)
     after = prom(flood)
-    record("31st-33rd concurrent connections (--max-connections 30 over 2 workers)",
-           "503 before the upgrade", f"first 30: {sorted(set(statuses))} as {spread}; "
-           f"then {beyond_statuses}; after one left: {again[0].status}")
+    record(
+        "31st-33rd concurrent connections (--max-connections 30 over 2 workers)",
+        "503 before the upgrade",
+        f"first 30: {sorted(set(statuses))} as {spread}; "
+        f"then {beyond_statuses}; after one left: {again[0].status}",
+    )
     assert statuses == [101] * 30
     assert beyond_statuses == [503, 503, 503]
     assert again[0].status == 101
@@ -1248,9 +1405,12 @@ def test_slow_handshake_is_cut_at_the_handshake_timeout(edge: Host, record: Reco
     finally:
         silent.close()
         partial.close()
-    record("TCP connection that sends nothing / half a request line "
-           f"(--handshake-timeout {HANDSHAKE_TIMEOUT:g})",
-           f"closed within {HANDSHAKE_TIMEOUT:g} s", f"after {HANDSHAKE_TIMEOUT + 3:g} s: {outcome}")
+    record(
+        "TCP connection that sends nothing / half a request line "
+        f"(--handshake-timeout {HANDSHAKE_TIMEOUT:g})",
+        f"closed within {HANDSHAKE_TIMEOUT:g} s",
+        f"after {HANDSHAKE_TIMEOUT + 3:g} s: {outcome}",
+    )
     assert outcome == {"silent": "closed", "partial": "closed"}
 
 
@@ -1262,9 +1422,12 @@ def test_tokens_never_appear_in_logs(edge: Host, record: Record) -> None:
     every host log, at --log-level debug on the edge host (access log on)."""
     query_token = edge_token("logged-query")
     header_token = edge_token("logged-header")
-    for params, headers in (({"token": query_token}, {}), ({}, {"Authorization": f"Bearer {header_token}"}),
-                            ({"token": hs256(edge_claims("expired", exp=1))}, {}),
-                            ({"token": query_token}, {"Authorization": f"Bearer {header_token}"})):
+    for params, headers in (
+        ({"token": query_token}, {}),
+        ({}, {"Authorization": f"Bearer {header_token}"}),
+        ({"token": hs256(edge_claims("expired", exp=1))}, {}),
+        ({"token": query_token}, {"Authorization": f"Bearer {header_token}"}),
+    ):
         raw = RawWS.open(edge, params=params, headers={"Origin": ORIGIN, **headers})
         raw.close()
         USED_TOKENS.update(params.values())
@@ -1279,9 +1442,11 @@ def test_tokens_never_appear_in_logs(edge: Host, record: Record) -> None:
                 leaks.append((host.node_id, value[:24] + "..."))
     edge_log = edge.log()
     access_lines = edge_log.count("aiohttp.access")
-    record(f"{len(USED_TOKENS)} distinct tokens sent to {len(STARTED)} hosts (query, Bearer, refresh, admin)",
-           "no token (nor its signature) in any log",
-           f"{len(leaks)} found; edge access log lines: {access_lines}, redacted `token=***`: "
-           f"{edge_log.count('token=***')}")
+    record(
+        f"{len(USED_TOKENS)} distinct tokens sent to {len(STARTED)} hosts (query, Bearer, refresh, admin)",
+        "no token (nor its signature) in any log",
+        f"{len(leaks)} found; edge access log lines: {access_lines}, redacted `token=***`: "
+        f"{edge_log.count('token=***')}",
+    )
     assert access_lines > 0 and "token=***" in edge_log  # the access log was on and redacted
     assert not leaks, leaks

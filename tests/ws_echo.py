@@ -71,12 +71,8 @@ async def _ws(request: web.Request) -> web.StreamResponse:
 
 
 async def _whoami(request: web.Request) -> web.Response:
-    headers = {
-        k: request.headers.get(k) for k in ("X-Forwarded-For", "Forwarded", "X-Real-IP")
-    }
-    return web.json_response(
-        {"node": request.app[STATE].name, "path": request.path, "headers": headers}
-    )
+    headers = {k: request.headers.get(k) for k in ("X-Forwarded-For", "Forwarded", "X-Real-IP")}
+    return web.json_response({"node": request.app[STATE].name, "path": request.path, "headers": headers})
 
 
 async def _admin(request: web.Request) -> web.Response:
@@ -88,14 +84,10 @@ async def _admin(request: web.Request) -> web.Response:
         state.health_status = 503
         state.ws_status = 503
         if state.drain_closes:
-            state.drain_task = asyncio.get_running_loop().create_task(
-                _close_slowly(state)
-            )
+            state.drain_task = asyncio.get_running_loop().create_task(_close_slowly(state))
         return web.json_response({"draining": len(state.sockets)}, status=202)
     if request.path == "/metrics":
-        return web.json_response(
-            {"active_connections": len(state.sockets), "node": state.name}
-        )
+        return web.json_response({"active_connections": len(state.sockets), "node": state.name})
     return web.Response(text=ADMIN_REACHED)
 
 
