@@ -654,8 +654,9 @@ async def test_token_is_not_logged(proxy: RunningProxy, http: aiohttp.ClientSess
     async with http.ws_connect(f"{proxy.ws_url}/ws?session=s1&token={secret}") as ws:
         await _welcome_node(ws)
     deadline = time.monotonic() + 5
-    while "/ws" not in proxy.log_text() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)  # noqa: ASYNC110 -- another process writes the log: no event to await
+    # Another process writes the log: there is no event to await.
+    while "/ws" not in proxy.log_text() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
     log = proxy.log_text()
     assert "/ws" in log, log
     assert secret not in log
