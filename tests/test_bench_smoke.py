@@ -166,3 +166,23 @@ def test_locustfile_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
     assert int(rows["deliver"]["Request Count"]) > 0
     assert int(rows["publish"]["Request Count"]) > 0
     assert all(int(row["Failure Count"]) == 0 for row in rows.values())
+
+
+@pytest.mark.timeout(120)
+def test_compare_smoke_on_rtc(tmp_path: Path) -> None:
+    """Every scenario against real rtc hosts (two for `cross`), tiny: the tools speak rtc."""
+    out = tmp_path / "rtc"
+    _loadgen(
+        "compare", "--out", str(out), "--servers", "rtc", "--rtc-workers", "2",
+        "--scenarios", "idle,fanout,cross,direct,churn", "--idle-conns", "20", "--members", "10",
+        "--users", "10", "--start-rate", "10", "--direct-start-rate", "10", "--step-seconds", "1",
+        "--max-steps", "1", "--churn-slots", "2", "--churn-seconds", "1",
+        timeout=110,
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())["results"]["rtc"]
+    assert results["idle"]["opened"] == 20 and results["idle"]["failed"] == 0
+    for scenario in ("fanout", "cross", "direct"):
+        step = results[scenario]["steps"][0]
+        assert step["deliveries_per_s"] > 0 and step["delivery_ratio"] == 1.0, (scenario, step)
+        assert results[scenario]["integrity"] == {"gaps": 0, "duplicates": 0, "reordered": 0}
+    assert results["churn"]["cycles"] > 0 and results["churn"]["failed"] == 0
