@@ -204,9 +204,17 @@ class Node:
         conn.rooms.add(name)
         try:
             await self._send_joined(conn, room, cmd)
-        finally:
-            for wire in conn.held.pop(name, ()):
+        except BaseException:
+            held = conn.held.pop(name, [])
+            if not already:  # no `joined` went out: not a member after all
+                room.members.discard(conn)
+                conn.rooms.discard(name)
+                held = []
+            for wire in held:
                 conn.send_wire(wire)
+            raise
+        for wire in conn.held.pop(name, ()):
+            conn.send_wire(wire)
         if not already and name[0] != "@":
             metrics.JOINS.labels(self.worker).inc()
             presence = encode("presence", room=name, user=conn.user, event="join")
