@@ -50,3 +50,46 @@ def test_embedded_redis_dies_with_a_killed_supervisor() -> None:
     host.process.wait()
     wait_for(lambda: not psutil.pid_exists(redis.pid), 5, "redis-server to die with its parent")
     wait_for(lambda: not any(psutil.pid_exists(p) for p in workers), 15, "workers to exit")
+
+
+def test_a_dead_embedded_redis_is_restarted_and_rooms_start_a_new_epoch() -> None:
+    host = start_host("phoenix", None, args=("--rate", "1000", "--rate-burst", "1000"))
+    try:
+
+        async def scenario() -> None:
+            member = await Client.connect(host.ws, "member")
+            writer = await Client.connect(host.ws, "writer")
+            joined = await member.join("room")
+            await writer.join("room")
+            await writer.request("publish", "ack", room="room", data="before")
+            await member.wait_messages("room", 1)
+
+            (redis,) = redis_children(host.process.pid)
+            redis.kill()  # history is gone with it: nothing was persisted
+            await asyncio.to_thread(
+                wait_for,
+                lambda: [p.pid for p in redis_children(host.process.pid)] not in ([], [redis.pid]),
+                10,
+                "a new redis-server",
+            )
+            fresh = await member.expect("joined", timeout=15, room="room")
+            assert fresh["recovered"] is False and fresh["epoch"] != joined["epoch"]
+
+            async with asyncio.timeout(15):
+                while True:  # the writer retries as a client would, until Redis is back
+                    await writer.send(type="publish", room="room", data="after")
+                    reply = await writer.next()
+                    while reply["type"] not in ("ack", "error"):
+                        reply = await writer.next()
+                    if reply["type"] == "ack":
+                        break
+                    await asyncio.sleep(0.2)
+            assert reply["seq"] >= 1
+            after = await member.expect("message", timeout=10, data="after")
+            assert after["seq"] == reply["seq"]
+            await member.close()
+            await writer.close()
+
+        asyncio.run(scenario())
+    finally:
+        assert host.stop() == 0
