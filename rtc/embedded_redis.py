@@ -33,6 +33,7 @@ def _die_with_parent() -> None:
 class EmbeddedRedis:
     def __init__(self, runtime_dir: Path) -> None:
         self.socket_path = runtime_dir / "redis.sock"
+        self.log_path = runtime_dir / "redis.log"  # its chatter stays out of rtc's own log
         self._dir = runtime_dir
         self._process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -65,6 +66,8 @@ class EmbeddedRedis:
                 str(self._dir),
                 "--loglevel",
                 "warning",
+                "--logfile",
+                str(self.log_path),
                 "--daemonize",
                 "no",
             ],
@@ -74,7 +77,7 @@ class EmbeddedRedis:
         deadline = time.monotonic() + _START_TIMEOUT
         while not self._answers_ping():
             if self._process.poll() is not None or time.monotonic() > deadline:
-                raise ConfigError("the embedded redis-server did not start (see its log above)")
+                raise ConfigError(f"the embedded redis-server did not start (see {self.log_path})")
             time.sleep(0.02)
 
     def _answers_ping(self) -> bool:

@@ -132,6 +132,7 @@ class Supervisor:
             self._redis = EmbeddedRedis(self._runtime)
             self._redis.start()
         self.settings = self.settings.with_changes(
+            demo=self.settings.demo_enabled,  # decided by the settings as given, not by the URL below
             runtime_dir=str(self._runtime),
             redis_url=self.settings.redis_url or (self._redis.url if self._redis else None),
         )

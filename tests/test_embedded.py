@@ -93,3 +93,14 @@ def test_a_dead_embedded_redis_is_restarted_and_rooms_start_a_new_epoch() -> Non
         asyncio.run(scenario())
     finally:
         assert host.stop() == 0
+
+
+def test_embedded_mode_serves_the_demo_and_keeps_redis_chatter_out_of_the_log() -> None:
+    host = start_host("demo", None)
+    try:
+        status, _ = host.get("/demo")
+        assert status == 200
+        assert "Redis is starting" not in host.log()
+        assert host.runtime_dir.joinpath("redis.log").exists()
+    finally:
+        assert host.stop() == 0
