@@ -39,8 +39,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.rtc-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    if ! { .venv/bin/python -m pip install -q --upgrade pip \
+            && .venv/bin/python -m pip install -q -e '.[dev]'; } >.venv/pip.log 2>&1; then
+        tail -n 30 .venv/pip.log >&2
+        echo "setup: pip install failed (whole log: .venv/pip.log)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 if [ "$mode" = test ]; then
