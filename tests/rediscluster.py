@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.rtcproc import RedisServer, free_port, wait_for
+from tests.rtcproc import RedisServer, free_port, start_redis, wait_for
 
 __all__ = ["RedisCluster", "redis_cluster", "start_cluster"]
 
@@ -72,41 +72,13 @@ def start_cluster(masters: int = 3, replicas: int = 0) -> RedisCluster:
     cluster = RedisCluster([], masters, root)
     try:
         for _ in range(masters * (1 + replicas)):
-            port = free_port()
-            directory = root / str(port)
-            directory.mkdir()
             # the bus port defaults to port + 10000, which may be taken or past 65535: pick one
-            process = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    str(free_port()),
-                    "--cluster-config-file",
-                    str(directory / "nodes.conf"),
-                    "--cluster-node-timeout",
-                    "2000",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(directory),
-                    "--loglevel",
-                    "warning",
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-            cluster.nodes.append(RedisServer(port, process, directory))
-        for node in cluster.nodes:
-            wait_for(lambda n=node: _answers(n), 10, f"redis-server on {node.port}")  # type: ignore[misc]
+            node = start_redis(
+                "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                "--cluster-config-file", "nodes.conf",  # in the node's own --dir
+                "--cluster-node-timeout", "2000", "--repl-diskless-sync-delay", "0",
+            )  # fmt: skip
+            cluster.nodes.append(node)
         subprocess.run(
             [
                 "redis-cli",
@@ -126,14 +98,6 @@ def start_cluster(masters: int = 3, replicas: int = 0) -> RedisCluster:
         cluster.stop()
         raise
     return cluster
-
-
-def _answers(node: RedisServer) -> bool:
-    if node.process.poll() is not None:
-        raise RuntimeError(f"redis-server on {node.port} exited {node.process.returncode}")
-    with contextlib.suppress(subprocess.CalledProcessError):
-        return node.cli("PING").strip() == "PONG"
-    return False
 
 
 @contextlib.contextmanager
