@@ -164,6 +164,7 @@ class _Worker:
         # Stop accepting first: the slot's socket stays open in the supervisor (and in a
         # replacement), so connections keep queueing there instead of being refused.
         await site.stop()
+        await _settle_accepted(runner, state)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(1.0, self.settings.shutdown_timeout - 2.0)):
                 await drain_connections(state, report=False, refuse_upgrades=False)
@@ -193,6 +194,21 @@ class _Worker:
         elif command == b"undrain":
             state.draining = False
             state.drain_task = None
+
+
+async def _settle_accepted(runner: web.AppRunner, state: WorkerState, limit: float = 1.0) -> None:
+    """Give requests accepted just before the listener closed time to become sockets.
+
+    Connections the kernel handed over while the listener was still open may still be
+    parsing their upgrade; the drain then migrates them instead of the shutdown cutting
+    them. Bounded: an idle keep-alive HTTP connection would otherwise hold it.
+    """
+    server = runner.server
+    deadline = time.monotonic() + limit
+    while server is not None and time.monotonic() < deadline:
+        if len(server.connections) <= sum(1 for c in state.node.connections if c.welcomed):
+            return
+        await asyncio.sleep(0.02)
 
 
 async def drain_connections(state: WorkerState, *, report: bool = True, refuse_upgrades: bool = True) -> None:
