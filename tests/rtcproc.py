@@ -163,11 +163,17 @@ class Host:
         return self.log_path.read_text(errors="replace")
 
     def worker_pids(self) -> list[int]:
+        """The supervisor's worker processes (a worker exiting meanwhile is left out)."""
         import psutil
 
-        return sorted(
-            c.pid for c in psutil.Process(self.process.pid).children() if c.name() != "redis-server"
-        )
+        pids = []
+        for child in psutil.Process(self.process.pid).children():
+            try:
+                if child.name() != "redis-server":
+                    pids.append(child.pid)
+            except (psutil.NoSuchProcess, FileNotFoundError):
+                continue  # it exited between the listing and the look
+        return sorted(pids)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
