@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from tests.rtcproc import stop_process
+
 __all__ = [
     "HAPROXY_CFG",
     "NGINX_CONF",
@@ -342,17 +344,6 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, errors: Path, what
     raise RuntimeError(f"{what} not listening on {port}: {errors.read_text()}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the child we started, by its PID: SIGTERM, then SIGKILL after 10 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def run_haproxy(
     workdir: Path,
@@ -382,7 +373,7 @@ def run_haproxy(
         _wait_listening(proc, port, err_path, "haproxy")
         yield RunningProxy("haproxy", port, workdir, proc, log_path, workdir / "admin.sock")
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -407,4 +398,4 @@ def run_nginx(
         _wait_listening(proc, port, err_path, "nginx")
         yield RunningProxy("nginx", port, workdir, proc, workdir / "access.log")
     finally:
-        _stop(proc)
+        stop_process(proc)

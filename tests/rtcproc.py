@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +42,18 @@ def token(user: str, ttl: int = 3600, **claims: object) -> str:
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl, **claims}, SECRET, "HS256")
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> int:
+    """Stop a child we started, by its PID: SIGTERM, then SIGKILL if it overstays."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
     """Poll an external process's state (no event to await across processes)."""
     deadline = time.monotonic() + timeout
@@ -70,9 +81,7 @@ class RedisServer:
         ).stdout
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        stop_process(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -179,14 +188,7 @@ class Host:
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 def start_host(

@@ -182,12 +182,9 @@ def run_echo_backend(name: str, host: str, log_dir: Path) -> Iterator[EchoBacken
             raise RuntimeError(f"echo backend {name} did not start: {line!r}")
         yield EchoBackend(name, host, int(line.split()[1]))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        from tests.rtcproc import stop_process  # here: this file also runs as a plain script
+
+        stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
         log.close()
