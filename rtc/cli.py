@@ -33,19 +33,35 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     check = commands.add_parser("check-config", help="validate the settings and exit 0 or 2")
     add_serve_arguments(check)
-    token = commands.add_parser("token", help="print a signed development token")
-    add_serve_arguments(token)
-    token.add_argument("--user", required=True)
-    token.add_argument("--rooms", nargs="*", metavar="PATTERN")
-    token.add_argument("--admin", action="store_true")
-    token.add_argument("--ttl", type=int, default=3600)
-    for name, text in (
-        ("drain", "drain a host and wait, printing progress"),
-        ("status", "print the host's JSON summary"),
+    token = commands.add_parser(
+        "token",
+        help="print a signed development token",
+        description="Print a JWT signed with the server's HMAC secret, for development and tests.",
+    )
+    add_serve_arguments(token, only=("jwt_secret", "jwt_secret_file", "jwt_algorithms"))
+    token.add_argument("--user", required=True, help="the token's `sub`: the user id")
+    token.add_argument(
+        "--rooms",
+        nargs="*",
+        metavar="PATTERN",
+        help="the `rooms` claim: glob patterns the user may join and publish to "
+        "[default: no claim: every room]",
+    )
+    token.add_argument(
+        "--admin", action="store_true", help="add `admin: true`, which opens /admin/* and /dashboard"
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until `exp` [default: 3600]")
+    for name, text, timeout, wait in (
+        ("drain", "drain a host and wait, printing progress", 300.0, "for the drain to finish"),
+        ("status", "print the host's JSON summary (GET /metrics)", 10.0, "for the answer"),
     ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--url", default="http://127.0.0.1:8081")
-        sub.add_argument("--timeout", type=float, default=300.0)
+        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        sub.add_argument(
+            "--url", default="http://127.0.0.1:8081", help="the host's public URL [default: %(default)s]"
+        )
+        sub.add_argument(
+            "--timeout", type=float, default=timeout, help=f"seconds to wait {wait} [default: %(default)s]"
+        )
     return parser
 
 
@@ -66,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "drain":
                 return _drain(args.url, args.timeout)
             case "status":
-                print(json.dumps(_request("GET", args.url + "/metrics"), indent=2))
+                print(json.dumps(_request("GET", args.url + "/metrics", args.timeout), indent=2))
                 return 0
     except ConfigError as exc:
         print(f"rtc: {exc}", file=sys.stderr)
@@ -104,9 +120,9 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _request(method: str, url: str) -> Any:
+def _request(method: str, url: str, timeout: float = 10) -> Any:
     request = urllib.request.Request(url, method=method, headers={"Accept": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
