@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["SEED_NAMES", "prometheus_text", "snapshot"]
+__all__ = ["SEED_NAMES", "exposition", "http_response", "snapshot"]
 
 SEED_NAMES = (
     "active_connections",
@@ -25,9 +26,32 @@ def _registry() -> CollectorRegistry:
     return registry
 
 
-def prometheus_text() -> bytes:
-    """Prometheus exposition text of the whole host (all workers, live and dead)."""
-    return generate_latest(_registry())
+def exposition(accept: str) -> tuple[bytes, str]:
+    """The whole host (all workers, live and dead) in the format `accept` asks for:
+    OpenMetrics when it names `application/openmetrics-text` (as Prometheus does), else
+    Prometheus text. Returns the body and its Content-Type."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(_registry()), content_type
+
+
+def http_response(request: bytes) -> bytes:
+    """The metrics port's whole answer to one raw HTTP request: `GET /metrics` only."""
+    head = request.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    line, *fields = head.split("\r\n")
+    method, _, rest = line.partition(" ")
+    path = rest.partition(" ")[0].partition("?")[0]
+    if method != "GET":
+        return (
+            b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    if path != "/metrics":
+        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    accept = next((f.partition(":")[2].strip() for f in fields if f.lower().startswith("accept:")), "")
+    body, content_type = exposition(accept)
+    return (
+        f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
 
 
 def snapshot() -> dict[str, Any]:

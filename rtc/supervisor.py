@@ -468,18 +468,8 @@ class Supervisor:
 
         with conn:
             conn.settimeout(1.0)
-            try:
-                request = conn.recv(8192)
-                if not request.startswith(b"GET "):
-                    conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-                    return
-                body = hostmetrics.prometheus_text()
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; "
-                    b"charset=utf-8\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-                )
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                conn.sendall(hostmetrics.http_response(conn.recv(8192)))
 
     def _cleanup(self) -> None:
         if self._children:

@@ -108,6 +108,7 @@ class _Worker:
             metrics.PUBSUB_RECONNECTS,
             metrics.GAPS_FILLED,
             metrics.GAPS_REPORTED,
+            metrics.DRAINS,
         ):
             family.labels(self.label)
         metrics.REDIS_UP.labels(self.label).set(1)
@@ -220,7 +221,7 @@ async def drain_connections(state: WorkerState, *, report: bool = True, refuse_u
     settings = state.settings
     node = state.node
     state.draining = state.draining or refuse_upgrades
-    metrics.DRAINS.inc()
+    metrics.DRAINS.labels(state.worker).inc()
     started = time.monotonic()
     migrated = failed = 0
     key = keys.drain(settings.node_id, node.instance)
