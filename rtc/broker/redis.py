@@ -287,12 +287,17 @@ class RedisCore(ABC):
             calls = {room: calls[room] for room in missing}
         return results
 
-    async def history(self, room: str, after: int, upto: int) -> list[tuple[int, bytes]]:
-        """Frames with seq in (after, upto], as far as history still has them."""
+    async def history(
+        self, room: str, after: int, upto: int, limit: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Frames with seq in (after, upto], as far as history still has them; the first
+        `limit` of them when given (a page: Redis and the worker hold only that much)."""
         if upto <= after:
             return []
         with _Timed("history"):
-            entries = await self._redis.xrange(keys.room_history(room), f"{after + 1}-1", f"{upto}-1")
+            entries = await self._redis.xrange(
+                keys.room_history(room), f"{after + 1}-1", f"{upto}-1", count=limit
+            )
         frames: list[tuple[int, bytes]] = []
         for entry_id, fields in entries or ():
             frame = (fields or {}).get(b"f")
