@@ -15,7 +15,7 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from rtc import hostmetrics, keys, metrics
 from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_request
@@ -32,6 +32,7 @@ from rtc.protocol import (
     Ping,
     Publish,
     Refresh,
+    Resume,
     encode,
     encode_error,
     inbox,
@@ -45,6 +46,7 @@ log = logging.getLogger("rtc.app")
 
 _FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 _WELCOMED = "rtc.welcomed"
+POSITIONS_WAIT = 5.0  # SPEC 4: how long a `positions=1` resume waits for the `resume` frame
 
 
 @dataclass(slots=True)
@@ -213,12 +215,12 @@ async def _upgrade(
     state.host_connections.set(state.slot_index, state.open_count)
     expiry = _ExpiryTimer(conn)
     try:
-        resumed = await _open_session(state, conn, request.query.get("session"))
+        positions = request.query.get("positions") == "1"
+        resumed = await _open_session(state, conn, request.query.get("session"), positions)
         request[_WELCOMED] = conn.welcomed = True  # from here on a drain migrates it
         state.opening -= 1
-        if resumed is not None:
-            for room, since, epoch in resumed:
-                await _run(state, conn, Join(room, since, epoch))
+        if resumed is not None and not await _rejoin(state, conn, resumed, positions):
+            return ws
         await _serve(state, conn)
     finally:
         expiry.cancel()
@@ -232,33 +234,71 @@ async def _upgrade(
 
 
 async def _open_session(
-    state: WorkerState, conn: Connection, sid: str | None
-) -> list[tuple[str, int, str]] | None:
-    """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
+    state: WorkerState, conn: Connection, sid: str | None, positions: bool
+) -> list[tuple[str, int | None, str | None]] | None:
+    """Restore a session when asked, attach, and greet. Returns the rooms to rejoin, the
+    inbox first (always among them: it is replayed before its live frames flow)."""
     node = state.node
-    await node.attach(conn)
-    rejoin: list[tuple[str, int, str]] | None = None
+    rejoin: list[tuple[str, int | None, str | None]] | None = None
     if sid:
         saved = await node.broker.load_session(sid)
         if saved.get("user") == conn.user:
             conn.session = sid
-            rejoin = []
+            rejoin = [(inbox(conn.user), None, None)]
             for name, value in saved.items():
                 if name.startswith("r:"):
                     seq, _, epoch = value.partition(":")
                     rejoin.append((name[2:], int(seq), epoch))
-            rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
+            rejoin.sort(key=lambda r: (r[0] != inbox(conn.user), r[1] is None))  # inbox first
+            rejoin = [r for i, r in enumerate(rejoin) if i == 0 or r[0] != rejoin[i - 1][0]]
     await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
-    conn.send(
-        encode(
-            "welcome",
-            session=conn.session,
-            user=conn.user,
-            node=state.settings.node_id,
-            resumed=rejoin is not None,
-        )
-    )
+    await node.attach(conn, hold_inbox=rejoin is not None)
+    welcome: dict[str, Any] = {"resumed": rejoin is not None}
+    if positions and rejoin is not None:
+        welcome["rooms"] = sorted(room for room, _, _ in rejoin)
+    # No await since `attach`: nothing of the inbox can go out before `welcome`.
+    conn.send(encode("welcome", session=conn.session, user=conn.user, node=state.settings.node_id, **welcome))
     return rejoin
+
+
+async def _rejoin(
+    state: WorkerState,
+    conn: Connection,
+    rooms: list[tuple[str, int | None, str | None]],
+    positions: bool,
+) -> bool:
+    """Rejoin a resumed session's rooms, from the client's positions when it sends them.
+
+    Returns False when the connection ended meanwhile.
+    """
+    given: Resume | None = None
+    first: WSMessage | None = None
+    if positions:
+        given, first = await _await_positions(conn)
+    for room, since, epoch in rooms:
+        if given is not None and room in given.rooms:
+            since, epoch = given.rooms[room], given.epochs.get(room, epoch)
+        await _run(state, conn, Join(room, since, epoch))
+    return first is None or await _dispatch(state, conn, first)
+
+
+async def _await_positions(conn: Connection) -> tuple[Resume | None, WSMessage | None]:
+    """The first frame after a resumed `welcome`, for up to POSITIONS_WAIT seconds: the
+    client's positions, or (anything else) the message to handle once the rooms rejoined."""
+    try:
+        msg = await conn.ws.receive(timeout=POSITIONS_WAIT)
+    except TimeoutError:
+        return None, None
+    if msg.type is WSMsgType.TEXT:
+        try:
+            command = parse(msg.data)
+        except ProtocolError:
+            return None, msg
+        if isinstance(command, Resume):
+            metrics.MESSAGES_RECEIVED.inc()
+            conn.bucket.take(time.monotonic())  # it counts like any frame, and comes first
+            return command, None
+    return None, msg
 
 
 class _ExpiryTimer:
@@ -286,25 +326,29 @@ class _ExpiryTimer:
 
 
 async def _serve(state: WorkerState, conn: Connection) -> None:
-    ws = conn.ws
-    while True:
-        msg = await ws.receive()
-        if msg.type is WSMsgType.TEXT:
-            await _handle(state, conn, msg.data)
-        elif msg.type is WSMsgType.BINARY:
-            _send_error(conn, ErrorCode.BAD_REQUEST, "binary frames are not supported")
-        elif msg.type is WSMsgType.CLOSE:
-            # Orderly close: checkpoint first, so the client may resume elsewhere at once.
-            conn.closing = True
-            await _final_checkpoint(state, [conn])
-            await ws.close()
-            return
-        elif msg.type is WSMsgType.ERROR:  # a bad frame: aiohttp has sent 1009 or 1002
-            metrics.ERRORS.inc()
-            metrics.FRAMES_REFUSED.labels(str(getattr(msg.data, "code", 1006))).inc()
-            return
-        else:  # CLOSING (our own close), CLOSED
-            return
+    while await _dispatch(state, conn, await conn.ws.receive()):
+        pass
+
+
+async def _dispatch(state: WorkerState, conn: Connection, msg: WSMessage) -> bool:
+    """Act on one incoming message; False once the connection is over."""
+    if msg.type is WSMsgType.TEXT:
+        await _handle(state, conn, msg.data)
+    elif msg.type is WSMsgType.BINARY:
+        _send_error(conn, ErrorCode.BAD_REQUEST, "binary frames are not supported")
+    elif msg.type is WSMsgType.CLOSE:
+        # Orderly close: checkpoint first, so the client may resume elsewhere at once.
+        conn.closing = True
+        await _final_checkpoint(state, [conn])
+        await conn.ws.close()
+        return False
+    elif msg.type is WSMsgType.ERROR:  # a bad frame: aiohttp has sent 1009 or 1002
+        metrics.ERRORS.inc()
+        metrics.FRAMES_REFUSED.labels(str(getattr(msg.data, "code", 1006))).inc()
+        return False
+    else:  # CLOSING (our own close), CLOSED
+        return False
+    return True
 
 
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
@@ -354,6 +398,10 @@ async def _run(state: WorkerState, conn: Connection, command: object) -> None:
                 await _refresh(state, conn, token, request_id)
             case Ping():
                 conn.send(encode("pong", request_id))
+            case Resume():
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, "resume is only taken as the first frame after a resumed welcome"
+                )
     except ProtocolError as exc:
         _send_error(conn, exc.code, exc.message, request_id)
     except Exception:

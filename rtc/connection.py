@@ -46,6 +46,7 @@ class Connection:
         "id",
         "peer",
         "principal",
+        "replays",
         "rooms",
         "session",
         "transport",
@@ -73,8 +74,10 @@ class Connection:
         self.bucket = bucket
         self.abuse: AbuseWindow | None = None  # made on the first denial: most never need it
         self.rooms: set[str] = set()
-        # Rooms being replayed: live frames wait here until the replay has been sent.
+        # Rooms being replayed: their live messages are not sent (the replay reads them
+        # from history), their events (presence) wait here until the replay is done.
         self.held: dict[str, list[bytes]] = {}
+        self.replays: dict[str, asyncio.Task[None]] = {}  # the pages still to send, per room
         # Last seq checkpointed per room, for resume.
         self.cursors: dict[str, int] = {}
         self.closing = False
@@ -100,13 +103,25 @@ class Connection:
             log.info("slow consumer closed", extra={"conn": self.id, "user": self.user})
             self.close_soon(CloseCode.TRY_AGAIN, "slow consumer")
 
-    def deliver(self, room: str, wire: bytes) -> None:
-        """A live room frame: held back while the room is replaying, else sent."""
+    def deliver(self, room: str, wire: bytes, *, sequenced: bool = False) -> None:
+        """A live room frame. While the room is replaying, a sequenced one is dropped (the
+        replay sends it from history) and an event waits; otherwise it is sent."""
         held = self.held.get(room)
         if held is None:
             self.send_wire(wire)
-        else:
+        elif not sequenced:
             held.append(wire)
+
+    async def drained(self, limit: int) -> None:
+        """Until at most `limit` bytes wait in the send buffer (or the socket is going).
+
+        Polled: the transport's flow control belongs to aiohttp's writer, and a replay is
+        the only waiter, so a 10 ms tick costs nothing that matters.
+        """
+        while self.transport.get_write_buffer_size() > limit and not (  # noqa: ASYNC110 (see above)
+            self.closing or self.transport.is_closing()
+        ):
+            await asyncio.sleep(0.01)
 
     def close_soon(self, code: CloseCode, reason: str) -> None:
         """Start a close handshake; abort the transport if it cannot finish in time."""

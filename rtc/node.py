@@ -25,7 +25,7 @@ from rtc.broker import make_broker
 from rtc.broker.base import Sequenced, Unsequenced
 from rtc.config import Settings
 from rtc.connection import Connection
-from rtc.errors import ErrorCode, ProtocolError
+from rtc.errors import CloseCode, ErrorCode, ProtocolError
 from rtc.hashring import Ring
 from rtc.protocol import (
     Direct,
@@ -172,10 +172,13 @@ class Node:
 
     # -- connections ------------------------------------------------------------------------
 
-    async def attach(self, conn: Connection) -> None:
-        """A new connection: listen to its inbox."""
+    async def attach(self, conn: Connection, *, hold_inbox: bool = False) -> None:
+        """A new connection: listen to its inbox (a resumed session's inbox is replayed
+        first: its live frames wait for that)."""
         self.connections.add(conn)
         room = await self._open(inbox(conn.user))
+        if hold_inbox:
+            conn.held[room.name] = []
         room.members.add(conn)
         conn.rooms.add(room.name)
 
@@ -198,23 +201,29 @@ class Node:
         room = await self._open(name)
         if conn.closing:
             return
+        self._cancel_replay(conn, name)
         self._flush_room(room)  # frames up to the cursor are not this joiner's
-        conn.held[name] = []
+        conn.held.setdefault(name, [])
         room.members.add(conn)
         conn.rooms.add(name)
         try:
-            await self._send_joined(conn, room, cmd)
+            replay = await self._send_joined(conn, room, cmd)
         except BaseException:
-            held = conn.held.pop(name, [])
             if not already:  # no `joined` went out: not a member after all
                 room.members.discard(conn)
                 conn.rooms.discard(name)
-                held = []
-            for wire in held:
-                conn.send_wire(wire)
+                conn.held.pop(name, None)
+            else:
+                self._release(conn, room)
             raise
-        for wire in conn.held.pop(name, ()):
-            conn.send_wire(wire)
+        if replay is None:
+            self._release(conn, room)
+        else:
+            task = asyncio.get_running_loop().create_task(replay)
+            conn.replays[name] = task
+            task.add_done_callback(
+                lambda _: conn.replays.pop(name, None) if conn.replays.get(name) is task else None
+            )
         if not already and name[0] != "@":
             metrics.JOINS.labels(self.worker).inc()
             presence = encode("presence", room=name, user=conn.user, event="join")
@@ -222,30 +231,90 @@ class Node:
                 name, self.slot, conn.user, presence, self.settings.presence_events_max, MEMBERSHIP_TTL
             )
 
-    async def _send_joined(self, conn: Connection, room: Room, cmd: Join) -> None:
+    def _page_size(self) -> int:
+        """Messages per replay page: at most half the send queue of the largest message."""
+        return max(1, self.settings.send_queue_bytes // 2 // self.settings.max_message_bytes)
+
+    async def _send_joined(self, conn: Connection, room: Room, cmd: Join) -> Coroutine[Any, Any, None] | None:
+        """`joined` and the replay's first page; returns the rest of the replay to run, if any.
+
+        The session's checkpoint for the room starts where the replay starts and moves on
+        only once the replay is finished (`checkpoints` skips rooms still held).
+        """
         last = room.cursor
-        replay: list[tuple[int, bytes]] = []
-        recovered = True
+        after, recovered = last, True
+        page: list[tuple[int, bytes]] = []
         if cmd.since is not None:
             after = cmd.since
             if cmd.epoch is not None and cmd.epoch != room.epoch:
                 recovered, after = False, 0
             if after > last:
-                recovered = False
-            else:
-                replay = await self.broker.history(room.name, after, last)
-                contiguous = all(seq == after + 1 + i for i, (seq, _) in enumerate(replay))
-                if len(replay) != last - after or not contiguous:
+                recovered, after = False, last
+            elif after < last:
+                page = await self.broker.history(room.name, after, last, self._page_size())
+                if not page or page[0][0] != after + 1:
                     recovered = False
+                    after = page[0][0] - 1 if page else last
         conn.send(encode("joined", cmd.id, room=room.name, seq=last, epoch=room.epoch, recovered=recovered))
-        for _, frame in replay:
-            conn.send(frame)
-        # The session knows the room at once; the checkpoint advances once this is sent.
-        conn.cursors[room.name] = cmd.since if cmd.since is not None and recovered else last
+        conn.cursors[room.name] = after
         await self.broker.save_sessions(
-            {conn.session: {f"r:{room.name}": f"{conn.cursors[room.name]}:{room.epoch}"}},
-            self.settings.session_ttl,
+            {conn.session: {f"r:{room.name}": f"{after}:{room.epoch}"}}, self.settings.session_ttl
         )
+        if after >= room.cursor:
+            return None
+        return self._replay(conn, room, after, page)
+
+    async def _replay(self, conn: Connection, room: Room, after: int, page: list[tuple[int, bytes]]) -> None:
+        """Send history after `after` a page at a time, each once the socket took the last,
+        until the room's live position; then switch the member to live frames.
+
+        Live frames of the room are not queued for the member meanwhile: the replay reads
+        them from history, so memory stays at one page however long the client takes.
+        """
+        limit = self._page_size()
+        position = after
+        try:
+            while True:
+                for seq, frame in page:
+                    if seq <= position:
+                        continue
+                    if seq > position + 1:  # trimmed from history while the replay ran
+                        self._send_gap(conn, room.name, position + 1, seq - 1)
+                    conn.send(frame)
+                    position = seq
+                target = room.cursor
+                if position >= target:
+                    break
+                await conn.drained(self.settings.send_queue_bytes // 2)
+                if conn.closing or conn.transport.is_closing():
+                    return
+                target = room.cursor
+                page = await self.broker.history(room.name, position, target, limit)
+                if not page:
+                    self._send_gap(conn, room.name, position + 1, target)
+                    position = target
+        except Exception as exc:
+            log.warning("replay of %s failed: %s", room.name, exc)
+            conn.close_soon(CloseCode.TRY_AGAIN, "replay failed")
+            return
+        if room.name in conn.held and conn in room.members:
+            self._release(conn, room)
+
+    def _release(self, conn: Connection, room: Room) -> None:
+        """The member is up to the room's cursor: what queued this turn is not its own."""
+        self._flush_room(room)
+        for wire in conn.held.pop(room.name, ()):
+            conn.send_wire(wire)
+
+    @staticmethod
+    def _send_gap(conn: Connection, name: str, first: int, last: int) -> None:
+        conn.send(encode("gap", room=name, **{"from": first, "to": last}))
+
+    @staticmethod
+    def _cancel_replay(conn: Connection, name: str) -> None:
+        task = conn.replays.pop(name, None)
+        if task is not None:
+            task.cancel()
 
     async def leave(self, conn: Connection, name: str, request_id: RequestId) -> None:
         if name not in conn.rooms or name == inbox(conn.user):
@@ -493,7 +562,7 @@ class Node:
         outgoing.clear()
         name = room.name
         for conn in room.members:
-            conn.deliver(name, data)
+            conn.deliver(name, data, sequenced=True)
 
     def _deliver_event(self, room: Room, frame: bytes) -> None:
         """Unsequenced room events (presence): to every member but their subject."""
@@ -606,6 +675,8 @@ class Node:
     async def _drop_member(self, conn: Connection, name: str) -> None:
         conn.rooms.discard(name)
         conn.held.pop(name, None)
+        conn.cursors.pop(name, None)
+        self._cancel_replay(conn, name)
         room = self.rooms.get(name)
         if room is None or conn not in room.members:
             return
@@ -638,15 +709,15 @@ class Node:
     def checkpoints(self, conns: Iterable[Connection], *, final: bool = False) -> dict[str, dict[str, str]]:
         """Session fields that changed: `r:<room>` -> `<seq>:<epoch>` per connection.
 
-        A periodic checkpoint only advances while the socket's send buffer is empty, so it
-        never claims a frame the client cannot have received yet; a final checkpoint (an
-        orderly close, after the buffer was flushed) takes the current cursors.
+        A checkpoint only advances while the socket's send buffer is empty, so it never
+        claims a frame still in it, and never for a room whose replay is unfinished (held);
+        a final one (an orderly close) writes every room, changed or not.
         """
         self.flush_deliveries()  # cursors count only what was written
         sessions: dict[str, dict[str, str]] = {}
         for conn in conns:
-            if not final and conn.transport.get_write_buffer_size():
-                continue
+            if conn.transport.get_write_buffer_size():
+                continue  # a frame still in the buffer is not the client's yet
             changed: dict[str, str] = {}
             for name in conn.rooms:
                 room = self.rooms.get(name)

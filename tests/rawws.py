@@ -33,8 +33,19 @@ class RawSocket:
         self.close_code: int | None = None
 
     @classmethod
-    async def open(cls, host: str, port: int, **query: str) -> RawSocket:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def open(cls, host: str, port: int, *, rcvbuf: int = 0, **query: str) -> RawSocket:
+        """Upgrade `/ws?<query>`; `rcvbuf` fixes the receive buffer (no autotuning), so
+        what can be in flight towards this client is known."""
+        sock = socket.socket()
+        sock.setblocking(False)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write(
             f"GET /ws?{urlencode(query)} HTTP/1.1\r\nHost: {host}:{port}\r\n"
