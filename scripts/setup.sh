@@ -14,7 +14,7 @@ mode="${1:-server}"
 declare -A packages=([redis-server]=redis-server [redis-cli]=redis-tools)
 if [ "$mode" = test ]; then
     packages+=([haproxy]=haproxy [nginx]=nginx [promtool]=prometheus [chromium]=chromium
-               [systemd-analyze]=systemd [ip]=iproute2 [jq]=jq [curl]=curl)
+               [systemd-analyze]=systemd [ip]=iproute2 [jq]=jq [curl]=curl [node]=nodejs)
 fi
 missing=()
 for program in "${!packages[@]}"; do
