@@ -98,7 +98,11 @@ class _Events:
 
 
 class Room(_Events):
-    """A joined room: `publish`, `members`, `leave`; `async for msg in room` yields messages."""
+    """A joined room: `publish`, `members`, `leave`; `async for msg in room` yields messages.
+
+    Messages wait for `async for` until a `message` handler is added; from then on they go
+    to the handlers only (nothing piles up for a loop that never runs).
+    """
 
     def __init__(self, client: Client, name: str) -> None:
         super().__init__()
@@ -112,6 +116,22 @@ class Room(_Events):
         self.left = False
         self._waiters: list[asyncio.Future[Room]] = []
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._buffering = True
+
+    def on(self, event: str, handler: Handler) -> Callable[[], None]:
+        if event in ("message", "direct"):
+            self._stop_buffering()
+        return super().on(event, handler)
+
+    def _stop_buffering(self) -> None:
+        self._buffering = False
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+
+    def _deliver(self, frame: Frame) -> None:
+        if self._buffering:
+            self._inbox.put_nowait(frame)
+        self._emit(frame["type"], frame)
 
     async def publish(self, data: Any) -> int:
         """The seq, once acked; queued and retried with the same id across reconnects."""
@@ -210,6 +230,7 @@ class Client(_Events):
         self._task: asyncio.Task[None] | None = None
         self._first: asyncio.Future[None] | None = None
         self._side_tasks: set[asyncio.Task[Any]] = set()
+        self._direct_handlers = False
 
     # -- public -------------------------------------------------------------------------------
 
@@ -241,6 +262,14 @@ class Client(_Events):
         reply = await self._request({"type": "direct", "to": user, "data": data})
         seq: int = reply["seq"]
         return seq
+
+    def on(self, event: str, handler: Handler) -> Callable[[], None]:
+        if event == "direct":  # direct messages go to handlers, not to `async for client.inbox`
+            self._direct_handlers = True
+            inbox = self.rooms.get(f"@{self.user}")
+            if inbox is not None:
+                inbox._stop_buffering()
+        return super().on(event, handler)
 
     @property
     def inbox(self) -> Room:
@@ -451,6 +480,8 @@ class Client(_Events):
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = Room(self, name)
+            if self._direct_handlers:
+                room._stop_buffering()
         return room
 
     async def _on_welcome(self, frame: Frame) -> None:
@@ -545,11 +576,9 @@ class Client(_Events):
             room._emit("gap", {"room": room.name, "from": room.seq + 1, "to": seq - 1})
         room.gap_ok = False
         room.seq = seq
-        room._inbox.put_nowait(frame)
+        room._deliver(frame)
         if frame["type"] == "direct":
             self._emit("direct", frame)
-        else:
-            room._emit("message", frame)
 
     def _on_gap(self, frame: Frame) -> None:
         room = self.rooms.get(frame["room"])
