@@ -221,6 +221,8 @@ class _Worker:
         elif command == b"undrain":
             state.draining = False
             state.drain_generation += 1
+        elif command.startswith(b"api") and state.api is not None:
+            state.api.on_control(command)
 
 
 async def _settle_accepted(runner: web.AppRunner, state: WorkerState, limit: float = 1.0) -> None:
