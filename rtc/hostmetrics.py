@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["SEED_NAMES", "exposition", "http_response", "snapshot"]
+__all__ = ["SEED_NAMES", "exposition", "snapshot"]
 
 SEED_NAMES = (
     "active_connections",
@@ -32,26 +32,6 @@ def exposition(accept: str) -> tuple[bytes, str]:
     Prometheus text. Returns the body and its Content-Type."""
     encoder, content_type = choose_encoder(accept)
     return encoder(_registry()), content_type
-
-
-def http_response(request: bytes) -> bytes:
-    """The metrics port's whole answer to one raw HTTP request: `GET /metrics` only."""
-    head = request.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-    line, *fields = head.split("\r\n")
-    method, _, rest = line.partition(" ")
-    path = rest.partition(" ")[0].partition("?")[0]
-    if method != "GET":
-        return (
-            b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-    if path != "/metrics":
-        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    accept = next((f.partition(":")[2].strip() for f in fields if f.lower().startswith("accept:")), "")
-    body, content_type = exposition(accept)
-    return (
-        f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode() + body
 
 
 def snapshot() -> dict[str, Any]:
