@@ -91,6 +91,7 @@ class ClusterBroker(RedisCore):
         for shard in list(self._shards.values()):
             await stop_task(shard.reader)  # its reader closes its connection on the way out
         self._shards.clear()
+        await self._batch.close()
         await self._cluster.aclose()
 
     async def sequence_many(
