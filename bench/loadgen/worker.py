@@ -263,7 +263,7 @@ class Worker:
             websocket_handshake_timeout=None,  # the caller's timeout bounds it
         )
         if not isinstance(client, Client):
-            raise HandshakeError(f"listener {type(client).__name__}")
+            raise HandshakeError("upgrade_lost")  # picows gave no listener: closed mid-upgrade
         client.transport = transport
         self.clients.add(client)
         try:
