@@ -8,16 +8,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
 
 from rtc import hostmetrics, keys, metrics
+from rtc.api import ServerApi, add_api_routes
 from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_request
 from rtc.config import Settings
 from rtc.connection import Connection
@@ -36,6 +39,7 @@ from rtc.protocol import (
     encode_error,
     inbox,
     parse,
+    request_id_of,
 )
 from rtc.ratelimit import AbuseWindow, TokenBucket
 
@@ -61,22 +65,31 @@ class WorkerState:
     opening: int = 0  # upgrades accepted whose `welcome` is not sent yet
     open_count: int = 0
     drain_task: asyncio.Task[None] | None = None
+    drain_generation: int = 0  # bumped by every drain and undrain: an older drain stops
+    api: ServerApi | None = None  # with --api-keys: answers the cluster's server API questions
 
 
 STATE = web.AppKey("state", WorkerState)
+SUPERVISOR_PID = web.AppKey("supervisor_pid", int)
 
 
 def build_app(state: WorkerState) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     app[STATE] = state
+    app[SUPERVISOR_PID] = os.getppid()  # built in the worker, which the supervisor forked
     app.router.add_get("/ws", websocket)
     app.router.add_get("/health", health)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_route("*", "/admin/drain", admin_drain)
     app.router.add_get("/admin/ring", admin_ring)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/dashboard/data", dashboard_data)
     app.router.add_get("/dashboard/events", dashboard_events)
+    app.router.add_get("/client.js", client_js)
+    if state.settings.api_keys:
+        state.api = ServerApi(state.settings, state.node)
+        add_api_routes(app, state.api)
     if state.settings.demo_enabled:
         app.router.add_get("/demo", demo)
         app.router.add_post("/demo/token", demo_token)
@@ -320,8 +333,10 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     metrics.MESSAGES_RECEIVED.inc()
     now = time.monotonic()
     if not conn.bucket.take(now):
+        # Frames that waited in the kernel while this worker was stalled count too: the
+        # server cannot tell them from a burst (docs/protocol.md). The id says which.
         metrics.RATE_LIMIT_DENIED.inc()
-        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down")
+        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down", request_id_of(data))
         if conn.abuse is None:
             conn.abuse = AbuseWindow()
         if conn.abuse.deny(now):
@@ -330,7 +345,7 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     try:
         command = parse(data)
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message)
+        _send_error(conn, exc.code, exc.message, exc.request_id)
         return
     await _run(state, conn, command)
 
@@ -398,6 +413,28 @@ async def health(request: web.Request) -> web.Response:
         "in_ring": in_ring,
     }
     return web.json_response(body, status=200 if ok else 503, dumps=_dumps)
+
+
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: this worker's loop answers and its supervisor still runs, draining or not.
+
+    A dead worker is the supervisor's to replace; a worker whose supervisor is gone or
+    stopped (reparented, or in state T/Z) says 503 so Kubernetes restarts the pod.
+    """
+    state = request.app[STATE]
+    supervisor = request.app[SUPERVISOR_PID]
+    alive = os.getppid() == supervisor and _process_state(supervisor) not in ("T", "t", "Z", "")
+    body = {"status": "alive" if alive else "supervisor gone", "node": state.settings.node_id}
+    return web.json_response(body, status=200 if alive else 503, dumps=_dumps)
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, T, Z, ...); "" if it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rpartition(")")[2].split()[0]
 
 
 def wants_prometheus(request: web.Request) -> bool:
@@ -506,6 +543,15 @@ def _dashboard_snapshot(state: WorkerState) -> dict[str, Any]:
         "ring": {"slots": list(state.node.ring.slots)},
         "ts": int(time.time() * 1000),
     }
+
+
+async def client_js(request: web.Request) -> web.Response:
+    """The JavaScript SDK as an ES module (no auth: it holds no secret)."""
+    return web.Response(
+        body=_static("client.js"),
+        content_type="text/javascript",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
 
 
 async def demo(request: web.Request) -> web.Response:

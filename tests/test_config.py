@@ -49,6 +49,7 @@ def test_defaults() -> None:
     assert s.presence_events_max == 100
     assert s.public_url is None
     assert (s.drain_batch, s.drain_interval, s.shutdown_timeout) == (500, 0.1, 30.0)
+    assert s.worker_timeout == 10.0
     assert s.runtime_dir is None
     assert (s.log_level, s.log_format) == ("info", "text")
     assert s.notify_socket is None and s.watchdog_usec == 0
@@ -79,6 +80,7 @@ def test_env_of_every_kind() -> None:
             "RTC_DEMO": "off",
             "RTC_DRAIN_INTERVAL": "0.5",
             "RTC_MAX_ROOMS": "7",
+            "RTC_WORKER_TIMEOUT": "2.5",
         }
     )
     assert s.rate == 2.5
@@ -86,6 +88,7 @@ def test_env_of_every_kind() -> None:
     assert s.demo is False
     assert s.drain_interval == 0.5
     assert s.max_rooms == 7
+    assert s.worker_timeout == 2.5
 
 
 def test_empty_env_is_unset() -> None:
@@ -248,6 +251,8 @@ def test_bad_watchdog_usec() -> None:
         (("--rate-burst", "0"), "--rate-burst"),
         (("--drain-interval", "-0.1"), "--drain-interval"),
         (("--shutdown-timeout", "0"), "--shutdown-timeout"),
+        (("--worker-timeout", "0"), "--worker-timeout"),
+        (("--worker-timeout", "soon"), "--worker-timeout"),
         (("--runtime-dir", "/tmp/" + "d" * 100), "--runtime-dir"),
     ],
 )
@@ -314,3 +319,29 @@ def test_with_changes_returns_a_new_settings() -> None:
     assert (s.port, changed.port) == (8081, 9999)
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_api_keys_from_flag_env_and_file(tmp_path: Path) -> None:
+    assert settings().api_keys == ()
+    one = settings("--api-keys", "app:0123456789abcdef, old:fedcba9876543210")
+    assert one.api_keys == (("app", "0123456789abcdef"), ("old", "fedcba9876543210"))
+    env = {**BASE, "RTC_API_KEYS": "env:abcdefabcdefabcdef"}
+    assert settings(env=env).api_keys == (("env", "abcdefabcdefabcdef"),)
+    listed = tmp_path / "keys"
+    listed.write_text("# rotated monthly\nnew:0000111122223333\n\nold:4444555566667777\n")
+    both = settings("--api-keys", "cli:abcdefabcdefabcd", "--api-keys-file", str(listed))
+    assert [name for name, _ in both.api_keys] == ["cli", "new", "old"]
+    assert "0000111122223333" not in repr(both)
+
+
+def test_bad_api_keys_never_echo_the_key(tmp_path: Path) -> None:
+    message = config_error("--api-keys", "short:tiny-secret")
+    assert message.startswith("--api-keys:") and "tiny-secret" not in message
+    assert config_error("--api-keys", "no-name-here-0123456789").startswith("--api-keys:")
+    listed = tmp_path / "keys"
+    listed.write_text("weak:hunter2\n")
+    message = config_error("--api-keys-file", str(listed))
+    assert message.startswith("--api-keys-file:") and "hunter2" not in message
+    assert config_error("--api-keys-file", str(tmp_path / "missing")).startswith(
+        "--api-keys-file: cannot read"
+    )
