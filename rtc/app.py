@@ -253,8 +253,10 @@ async def _open_session(
     inbox first (always among them: it is replayed before its live frames flow)."""
     node = state.node
     rejoin: list[tuple[str, int | None, str | None]] | None = None
+    # The session and the inbox's subscription are read concurrently (the broker pipelines
+    # them); the inbox membership starts after, once it is known whether it is replayed.
     if sid:
-        saved = await node.broker.load_session(sid)
+        saved, _ = await asyncio.gather(node.broker.load_session(sid), node.open_inbox(conn))
         if saved.get("user") == conn.user:
             conn.session = sid
             rejoin = [(inbox(conn.user), None, None)]
@@ -264,12 +266,15 @@ async def _open_session(
                     rejoin.append((name[2:], int(seq), epoch))
             rejoin.sort(key=lambda r: (r[0] != inbox(conn.user), r[1] is None))  # inbox first
             rejoin = [r for i, r in enumerate(rejoin) if i == 0 or r[0] != rejoin[i - 1][0]]
-    await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+        await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+    else:
+        session = node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+        await asyncio.gather(session, node.open_inbox(conn))
     await node.attach(conn, hold_inbox=rejoin is not None)
     welcome: dict[str, Any] = {"resumed": rejoin is not None}
     if positions and rejoin is not None:
         welcome["rooms"] = sorted(room for room, _, _ in rejoin)
-    # No await since `attach`: nothing of the inbox can go out before `welcome`.
+    # The inbox is open, so `attach` did not wait: nothing of it can go out before `welcome`.
     conn.send(encode("welcome", session=conn.session, user=conn.user, node=state.settings.node_id, **welcome))
     return rejoin
 

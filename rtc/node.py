@@ -172,6 +172,10 @@ class Node:
 
     # -- connections ------------------------------------------------------------------------
 
+    async def open_inbox(self, conn: Connection) -> None:
+        """Subscribe to a new connection's inbox (before `attach`, which is then immediate)."""
+        await self._open(inbox(conn.user))
+
     async def attach(self, conn: Connection, *, hold_inbox: bool = False) -> None:
         """A new connection: listen to its inbox (a resumed session's inbox is replayed
         first: its live frames wait for that)."""
