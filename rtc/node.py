@@ -75,6 +75,10 @@ class Node:
         return self.membership.ring
 
     @property
+    def slot(self) -> str:
+        return self.membership.slot
+
+    @property
     def in_ring(self) -> bool:
         return self.membership.in_ring
 
@@ -230,7 +234,7 @@ class Node:
             if not future.done():
                 future.set_result(seq)
 
-        self._route(key, item, reply)
+        self.forwarder.route(None, key, item, reply)  # one lane per key: kept in order
         return future
 
     def _unsequenced(
