@@ -8,8 +8,8 @@ Two formats travel on two kinds of channel:
 - **Slot records** on a worker slot's inbox: a forwarded publish
   `P\\n<origin>\\n<rid>\\n<dedup>\\n<key>\\n<ts>\\n<head>\\n<tail>`, and its answer,
   `A\\n<rid>\\n<seq>` (sequenced) or `E\\n<rid>` (failed). Slot ids, request ids, dedup
-  tokens and room names never hold a newline; the frame halves come last, so only they
-  may hold one.
+  tokens and room names never hold a newline, nor does the head (compact JSON up to the
+  seq); the tail comes last, so it may.
 """
 
 from __future__ import annotations
