@@ -147,11 +147,11 @@ async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
     """A connect storm's small commands are pipelined, and a leave issued after a join (not
     awaited in between) still runs after it: the counts come out as issued."""
     b, _ = broker
-    await b.leave("warm", "h:0", "carol")  # a fresh Redis refuses the first EVALSHA: scripts load
+    await b.leave("warm", "h:0", "carol", 0, 15)  # a fresh Redis refuses the first EVALSHA: scripts load
     before = _calls(fresh_redis)
     results = await asyncio.gather(
         b.join("o", "h:0", "carol", b"j", 0, 15),
-        b.leave("o", "h:0", "carol"),
+        b.leave("o", "h:0", "carol", 0, 15),
         b.join("o", "h:0", "carol", b"j", 0, 15),
         b.save_sessions({"s1": {"user": "carol"}, "s2": {"user": "dan"}}, 60),
         b.load_session("s1"),
