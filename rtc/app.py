@@ -248,8 +248,8 @@ async def _open_session(
     state: WorkerState, conn: Connection, sid: str | None
 ) -> list[tuple[str, int, str]] | None:
     """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
-    await state.node.attach(conn)
-    rejoin = await state.node.sessions.open(conn, sid)
+    # Concurrent calls share a Redis round trip (the broker pipelines them).
+    rejoin, _ = await asyncio.gather(state.node.sessions.open(conn, sid), state.node.attach(conn))
     conn.send(
         encode(
             "welcome",
