@@ -2,8 +2,8 @@
 
 A `join` with `since:0` asks for the whole history (1000 messages of about 64 KiB: 64 MB).
 Replays are read and sent in pages that wait for the socket to take them, so each joiner
-costs at most its send queue plus a page in the worker, and a page in Redis, however large
-the room and whether or not it reads. The attackers here do not read at all; a few honest
+costs at most its send queue plus the page being read in the worker (as Redis's reply, then
+as frames), and a page in Redis, however large the room and whether or not it reads. The attackers here do not read at all; a few honest
 clients among them read their replay to the end. The figures are printed; the bounds hold.
 """
 
@@ -29,7 +29,8 @@ MIB = 1 << 20
 SEND_QUEUE = 1 * MIB  # the default --send-queue-bytes
 PAGE = SEND_QUEUE // 2  # a replay page holds at most half the send queue
 SLACK = 32 * MIB  # allocator and interpreter noise
-WORKER_BOUND = SOCKETS * (SEND_QUEUE + PAGE) + SLACK
+# Per joiner: its send queue, and the page being read (Redis's reply, then its frames).
+WORKER_BOUND = SOCKETS * (SEND_QUEUE + 2 * PAGE) + SLACK
 REDIS_BOUND = SOCKETS * PAGE + SLACK
 
 
