@@ -3,8 +3,9 @@
 A `join` with `since:0` asks for the whole history (1000 messages of about 64 KiB: 64 MB).
 Replays are read and sent in pages that wait for the socket to take them, so each joiner
 costs at most its send queue plus the page being read in the worker (as Redis's reply, then
-as frames), and a page in Redis, however large the room and whether or not it reads. The attackers here do not read at all; a few honest
-clients among them read their replay to the end. The figures are printed; the bounds hold.
+as frames), and a page in Redis, however large the room and whether or not it reads. The
+attackers here do not read at all; a few honest clients among them read their replay to
+the end. The figures are printed; the bounds hold.
 """
 
 from __future__ import annotations
