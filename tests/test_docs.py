@@ -2,8 +2,9 @@
 
 A fenced block's info string says which: `sh commands` (shell lines run one by one against a
 real host started by the block itself), `text exchange` (a WebSocket exchange played against a
-real host, frame by frame), or `<lang> illustrative` (a diagram, or commands for a machine
-the tests do not own: systemctl, apt-get). An unmarked block fails the first test.
+real host, frame by frame), `<lang> test:<file>` (run by that test file, which reads the doc),
+or `<lang> illustrative` (a diagram, or commands for a machine the tests do not own:
+systemctl, apt-get). An unmarked block fails the first test.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tests.rtcproc import Host, free_ports, hosts, start_redis, stop_process, to
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 KINDS = {"commands", "exchange", "illustrative"}
-FENCE = re.compile(r"^```(\w*)(?: (\w+))?\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r"^```(\w*)(?: (\S+))?\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 # Values the server chooses; the docs write them as these names.
 PLACEHOLDERS = {"SID", "NODE", "EPOCH", "TS", "JWT"}
 BARE = re.compile(r"(?<=[:\[,])(" + "|".join(PLACEHOLDERS) + r")(?=[,}\]])")
@@ -54,9 +55,13 @@ def blocks(kind: str | None = None) -> list[Block]:
 
 
 def test_every_example_is_run_or_marked_illustrative() -> None:
-    unmarked = [str(b) for b in blocks() if b.kind not in KINDS]
+    unmarked = [str(b) for b in blocks() if b.kind not in KINDS and not b.kind.startswith("test:")]
     assert not unmarked, f"mark these `illustrative`, or make them `commands`/`exchange`: {unmarked}"
     assert blocks("commands") and blocks("exchange")
+    for block in blocks():
+        if block.kind.startswith("test:"):
+            runner = Path(__file__).parent / block.kind.removeprefix("test:")
+            assert block.path.name in runner.read_text(), f"{runner.name} does not read {block}"
 
 
 def test_no_doc_links_outside_the_repository() -> None:
