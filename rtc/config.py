@@ -53,7 +53,7 @@ class Settings:
     jwt_issuer: str | None = None
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
-    max_connections: int = 0
+    max_connections: int | None = None  # None: auto, from the workers' descriptor limit
     max_connections_per_ip: int = 0
     max_message_bytes: int = 65536
     max_rooms: int = 100
@@ -69,7 +69,10 @@ class Settings:
     drain_interval: float = 0.1
     shutdown_timeout: float = 30.0
     runtime_dir: str | None = None
-    demo: bool | None = None
+    demo: bool = False
+    redis_maxmemory: int = 256 << 20
+    connect_rate: float = 0.0
+    connect_burst: int = 200
     log_level: str = "info"
     log_format: str = "text"
     ws_heartbeat: float = 20.0
@@ -84,11 +87,6 @@ class Settings:
         return not self.redis_url and not self.redis_cluster
 
     @property
-    def demo_enabled(self) -> bool:
-        """`/demo` mints tokens, so it is on only when asked or in embedded mode."""
-        return self.embedded_redis if self.demo is None else self.demo
-
-    @property
     def local_slots(self) -> tuple[str, ...]:
         """This host's worker slot ids in the ring: `<node_id>:<index>`."""
         return tuple(f"{self.node_id}:{i}" for i in range(self.workers))
@@ -99,6 +97,24 @@ class Settings:
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _auto_int(value: str) -> int | None:
+    """An integer, or `auto` (None): the program works the value out."""
+    return None if value.strip().lower() == "auto" else int(value)
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _bytes(value: str) -> int:
+    """A size: `268435456`, `256m`, `256MiB`, `1g` (binary units, as redis.conf reads them)."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    number = text.rstrip("kmg")
+    unit = text[len(number) :]
+    if not number.isdigit() or unit not in _BYTE_UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(number) * _BYTE_UNITS[unit]
 
 
 def _bool(value: str) -> bool:
@@ -134,7 +150,11 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("jwt_issuer", str, "required `iss` claim"),
     _Option("allowed_origins", _csv, "comma list of allowed Origin values (default: any)"),
     _Option("trusted_proxies", _csv, "CIDRs whose X-Forwarded-For names the client"),
-    _Option("max_connections", int, "per-host connection cap (0: off)"),
+    _Option(
+        "max_connections",
+        _auto_int,
+        "per-host connection cap: auto (what the workers' descriptor limit holds), N, or 0 (off)",
+    ),
     _Option("max_connections_per_ip", int, "per-client-address cap (0: off)"),
     _Option("max_message_bytes", int, "largest incoming frame"),
     _Option("max_rooms", int, "rooms joined per connection"),
@@ -150,7 +170,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("drain_interval", float, "seconds between drain steps"),
     _Option("shutdown_timeout", float, "seconds a graceful stop may take"),
     _Option("runtime_dir", str, "metrics files and embedded Redis socket"),
-    _Option("demo", _bool, "serve /demo, which mints tokens (default: on when embedded)"),
+    _Option("demo", _bool, "serve /demo and /demo/token, which mint tokens (never in production)"),
+    _Option("redis_maxmemory", _bytes, "embedded Redis only: maxmemory, noeviction (256m)", "SIZE"),
+    _Option("connect_rate", float, "WebSocket upgrades per second per client address (0: off)"),
+    _Option("connect_burst", int, "upgrade token bucket burst per client address"),
     _Option("log_level", str, "debug, info, warning or error"),
     _Option("log_format", str, "text or json"),
     _Option("ws_heartbeat", float, "WebSocket ping interval in seconds"),
@@ -276,8 +299,9 @@ def _validate(s: Settings) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"--trusted-proxies: {cidr!r} is not a CIDR") from None
-    for name in ("max_connections", "max_connections_per_ip", "presence_events_max"):
-        _require(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("max_connections", "max_connections_per_ip", "presence_events_max", "connect_rate"):
+        value = getattr(s, name)
+        _require(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0")
     for name in (
         "max_message_bytes",
         "max_rooms",
@@ -287,10 +311,12 @@ def _validate(s: Settings) -> None:
         "history_ttl",
         "session_ttl",
         "drain_batch",
+        "connect_burst",
     ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     for name in ("rate", "drain_interval", "shutdown_timeout", "ws_heartbeat", "handshake_timeout"):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+    _require(s.redis_maxmemory >= 1 << 20, "--redis-maxmemory must be at least 1 MiB")
     _require(s.log_level in {"debug", "info", "warning", "error"}, f"--log-level: {s.log_level!r}")
     _require(s.log_format in {"text", "json"}, f"--log-format: {s.log_format!r} is not text or json")
     if s.runtime_dir is not None:

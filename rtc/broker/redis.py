@@ -35,13 +35,17 @@ from rtc import keys, metrics
 from rtc.broker import scripts
 from rtc.broker.base import BrokerHandler, Sequenced, SlotTaken, Unsequenced
 
-__all__ = ["LOST", "RedisBroker", "RedisCore", "client_options", "stop_task"]
+__all__ = ["LOST", "ROOM_STATE_TTL", "RedisBroker", "RedisCore", "client_options", "stop_task"]
 
 log = logging.getLogger("rtc.broker")
 
 _PING_EVERY = 5.0
 _SILENCE_LIMIT = 15.0  # no reply to a PING this long: the pub/sub connection is dead
 _TIMEOUT = 5.0
+# A room's slot set and presence hash outlive its last member by at most this (they are
+# refreshed with the membership): long enough for the delayed presence `leave` (5 s) to
+# find them, short enough that rooms nobody uses cost Redis nothing for long.
+ROOM_STATE_TTL = 60
 # What a lost or misrouted pub/sub connection raises (RedisClusterException is no RedisError).
 LOST = (TimeoutError, RedisError, RedisClusterException, OSError, ConnectionError)
 _MESSAGE = frozenset({"message", "smessage"})
@@ -316,6 +320,7 @@ class RedisCore(ABC):
                     keys.room_channel(room),
                     presence,
                     presence_max,
+                    ROOM_STATE_TTL,
                 ],
             )
         return int(estimate)
@@ -342,13 +347,16 @@ class RedisCore(ABC):
         return int(count), [u.decode() for u in users]
 
     async def refresh_members(self, slot: str, rooms: Sequence[str], ttl: int) -> None:
-        """Keep this slot's membership keys alive; a dead worker's expire on their own."""
+        """Keep this slot's membership keys (and its rooms' shared state) alive; a dead
+        worker's expire on their own, and so does what an emptied room leaves behind."""
         if not rooms:
             return
         with _Timed("membership"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for room in rooms:
                     pipe.expire(keys.members(room, slot), ttl)
+                    pipe.expire(keys.member_slots(room), ROOM_STATE_TTL)
+                    pipe.expire(keys.presence(room), ROOM_STATE_TTL)
                 await pipe.execute()
 
     # -- sessions ------------------------------------------------------------------------------

@@ -67,20 +67,22 @@ return result
 )
 
 # KEYS: my members hash, slots set, presence hash
-# ARGV: user, slot, ttl, members-key prefix, channel, presence frame, presence max
-# Counts the connection; publishes a presence `join` when the user was not present
-# anywhere in the cluster and the room is small enough. Returns the member estimate.
+# ARGV: user, slot, ttl, members-key prefix, channel, presence frame, presence max,
+# room-state ttl. Counts the connection; publishes a presence `join` when the user was not
+# present anywhere in the cluster and the room is small enough. Returns the member estimate.
+# The slots set and presence hash live `room-state ttl` past the last join or refresh.
 _JOIN = """
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('EXPIRE', KEYS[2], 86400)
+redis.call('EXPIRE', KEYS[2], ARGV[8])
 local estimate = 0
 for _, slot in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   estimate = estimate + redis.call('HLEN', ARGV[4] .. slot)
 end
-if redis.call('HSETNX', KEYS[3], ARGV[1], 1) == 1 then
-  redis.call('EXPIRE', KEYS[3], 86400)
+local new = redis.call('HSETNX', KEYS[3], ARGV[1], 1) == 1
+redis.call('EXPIRE', KEYS[3], ARGV[8])
+if new then
   if estimate <= tonumber(ARGV[7]) then
     redis.call('$publish', ARGV[5], '0 0 ' .. ARGV[6])
   end
