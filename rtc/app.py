@@ -99,7 +99,8 @@ class WorkerState:
 
     def full(self) -> bool:
         """No room for one more connection (503), before a descriptor runs out (EMFILE)."""
-        if self.worker_cap and self.open_count + self.opening >= self.worker_cap:
+        # Sockets still in their handshake hold descriptors too: FD_RESERVE covers them.
+        if self.worker_cap and self.open_count >= self.worker_cap:
             return True
         return bool(self.host_cap) and self.host_connections.total() >= self.host_cap
 
