@@ -277,7 +277,12 @@ async def _upgrade(
     state.host_connections.set(state.slot_index, state.open_count)
     expiry = _ExpiryTimer(conn)
     try:
-        resumed = await _open_session(state, conn, request.query.get("session"))
+        try:
+            resumed = await _open_session(state, conn, request.query.get("session"))
+        except (ProtocolError, *LOST) as exc:  # Redis down or full: no session can be kept
+            log.warning("connection refused: Redis: %s", exc, extra={"conn": conn.id})
+            await ws.close(code=CloseCode.TRY_AGAIN, message=b"unavailable: try again later")
+            return ws
         request[_WELCOMED] = conn.welcomed = True  # from here on a drain migrates it
         state.opening -= 1
         if resumed is not None:

@@ -1,9 +1,12 @@
 """The Lua scripts that make Redis the single point of truth for seq, history and membership.
 
 Each script touches only keys of one room (one hash tag), so it is atomic on a single
-server and valid on Redis Cluster. The scripts that fan out publish to the room's channel,
-which carries the same hash tag: with PUBLISH on one server, with SPUBLISH (legal in a
-script whose keys share the channel's slot) on Redis Cluster. `texts` fills that in.
+server and valid on Redis Cluster. Each script that adds data makes a write that may grow
+memory (HSET, HINCRBY) its first write, so a full Redis (`maxmemory`, `noeviction`)
+refuses the whole script instead of letting it run past the limit. The scripts that fan
+out publish to the room's channel, which carries the same hash tag: with PUBLISH on one
+server, with SPUBLISH (legal in a script whose keys share the channel's slot) on Redis
+Cluster. `texts` fills that in.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ __all__ = ["texts"]
 
 # Ensures the room has an epoch, returns {seq, epoch}. A room whose meta is gone (never
 # used, expired, or Redis lost its data) gets a fresh epoch and an empty history, so a
-# resume can tell "recovered" from "gap".
+# resume can tell "recovered" from "gap". HSET comes before DEL on purpose: Redis checks
+# `maxmemory` only at a script's first write, and only if that write is one that may grow
+# memory (DEL is not); a script that deleted first would then write past a full Redis.
 _ENSURE_EPOCH = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   local t = redis.call('TIME')
   epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  redis.call('DEL', KEYS[2])
 end
 """
 
