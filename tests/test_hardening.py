@@ -7,6 +7,7 @@ command lines). The resource-bound figures under attack are in `test_memory_boun
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import stat
@@ -202,6 +203,21 @@ def test_binary_frames_spend_the_rate_limit_and_close_1008(host: Host) -> None:
     assert 40 <= codes.count("bad_request") <= 45, codes.count("bad_request")  # burst 40 (+ refill)
     assert codes.count("rate_limited") > 100
     wait_for(lambda: counter(host, "rate_limit_denied_total") - denied_before > 100, 5, "denials counted")
+
+
+async def test_rooms_per_connection_are_capped_at_max_rooms(host: Host) -> None:
+    """--max-rooms (100) at a time; a left room frees its place."""
+    client = await Client.connect(host.ws, "collector")
+    try:
+        for i in range(100):
+            await client.join(f"cap.{i}")
+            await asyncio.sleep(1 / 20)  # within --rate 20: this test is about rooms, not rate
+        await client.send(type="join", room="cap.100")
+        assert (await client.expect("error"))["code"] == "forbidden"
+        await client.request("leave", "left", room="cap.0")
+        assert (await client.join("cap.100"))["room"] == "cap.100"
+    finally:
+        await client.close()
 
 
 # ============================================================================ admin from a browser
