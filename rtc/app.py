@@ -41,6 +41,7 @@ from rtc.protocol import (
     encode_error,
     inbox,
     parse,
+    request_id_of,
 )
 from rtc.ratelimit import AbuseWindow, TokenBucket
 
@@ -88,6 +89,7 @@ class WorkerState:
     opening: int = 0  # upgrades accepted whose `welcome` is not sent yet
     open_count: int = 0
     drain_task: asyncio.Task[None] | None = None
+    drain_generation: int = 0  # bumped by every drain and undrain: an older drain stops
     api: ServerApi | None = None  # with --api-keys: answers the cluster's server API questions
     # `--max-connections auto`: this worker's own bound (0: none) and the host's (0: none).
     worker_cap: int = field(init=False, default=0)
@@ -398,13 +400,17 @@ async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None
         log.warning("final session checkpoint failed: %s", exc)
 
 
-def _admit(conn: Connection) -> bool:
-    """Every frame spends a token, refused ones too; a sustained flood is closed 1008."""
+def _admit(conn: Connection, text: str | None = None) -> bool:
+    """Every frame spends a token, refused ones too; a sustained flood is closed 1008.
+
+    Frames that waited in the kernel while this worker was stalled count too: the server
+    cannot tell them from a burst (docs/protocol.md). A text frame's id says which.
+    """
     now = time.monotonic()
     if conn.bucket.take(now):
         return True
     metrics.RATE_LIMIT_DENIED.inc()
-    _send_error(conn, ErrorCode.RATE_LIMITED, "slow down")
+    _send_error(conn, ErrorCode.RATE_LIMITED, "slow down", None if text is None else request_id_of(text))
     if conn.abuse is None:
         conn.abuse = AbuseWindow()
     if conn.abuse.deny(now):
@@ -414,12 +420,12 @@ def _admit(conn: Connection) -> bool:
 
 async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     metrics.MESSAGES_RECEIVED.inc()
-    if not _admit(conn):
+    if not _admit(conn, data):
         return
     try:
         command = parse(data)
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message)
+        _send_error(conn, exc.code, exc.message, exc.request_id)
         return
     await _run(state, conn, command)
 

@@ -70,6 +70,7 @@ class Settings:
     drain_batch: int = 500
     drain_interval: float = 0.1
     shutdown_timeout: float = 30.0
+    worker_timeout: float = 10.0
     runtime_dir: str | None = None
     demo: bool = False
     redis_maxmemory: int = 256 << 20
@@ -187,6 +188,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("drain_batch", int, "connections closed per drain step"),
     _Option("drain_interval", float, "seconds between drain steps"),
     _Option("shutdown_timeout", float, "seconds a graceful stop may take"),
+    _Option("worker_timeout", float, "seconds a worker's loop may go silent before it is replaced"),
     _Option("runtime_dir", str, "metrics files and embedded Redis socket"),
     _Option("demo", _bool, "serve /demo and /demo/token, which mint tokens (never in production)"),
     _Option("redis_maxmemory", _bytes, "embedded Redis only: maxmemory, noeviction (256m)", "SIZE"),
@@ -341,7 +343,14 @@ def _validate(s: Settings) -> None:
         "connect_burst",
     ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
-    for name in ("rate", "drain_interval", "shutdown_timeout", "ws_heartbeat", "handshake_timeout"):
+    for name in (
+        "rate",
+        "drain_interval",
+        "shutdown_timeout",
+        "worker_timeout",
+        "ws_heartbeat",
+        "handshake_timeout",
+    ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     _require(s.redis_maxmemory >= 1 << 20, "--redis-maxmemory must be at least 1 MiB")
     _require(s.log_level in {"debug", "info", "warning", "error"}, f"--log-level: {s.log_level!r}")
