@@ -65,7 +65,7 @@ _WELCOMED = "rtc.welcomed"
 # Descriptors a worker keeps for everything but client sockets: its Redis pool (64) and
 # pub/sub, the listener, metrics files, pipes, and requests still in their handshake.
 FD_RESERVE = 256
-DEMO_TOKEN_TTL = 600  # the demo page fetches a new token when one expires (close 4001)
+DEMO_TOKEN_TTL = 600  # the demo page's SDK fetches a new token before this runs out
 DEMO_ROOMS = ["demo.*"]  # plus the user's own inbox, which every token may read
 
 
@@ -96,12 +96,11 @@ class WorkerState:
     host_cap: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        explicit = self.settings.max_connections
-        if explicit is None:
+        # auto: each worker stops at its own descriptor limit, which bounds the host too.
+        if self.settings.max_connections is None:
             self.worker_cap = _fd_capacity()
-            self.host_cap = self.worker_cap * self.settings.workers
         else:
-            self.host_cap = explicit
+            self.host_cap = self.settings.max_connections
 
     def full(self) -> bool:
         """No room for one more connection (503), before a descriptor runs out (EMFILE)."""
