@@ -24,6 +24,7 @@ from rtc import hostmetrics, keys, metrics
 from rtc.api import ServerApi, add_api_routes
 from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_request
 from rtc.broker import LOST
+from rtc.broker.base import Broker
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
@@ -38,8 +39,6 @@ from rtc.protocol import (
     Publish,
     Refresh,
     encode,
-    encode_error,
-    inbox,
     parse,
     request_id_of,
 )
@@ -81,6 +80,7 @@ class WorkerState:
 
     settings: Settings
     node: Node
+    broker: Broker
     verifier: Verifier
     worker: str
     slot_index: int
@@ -129,7 +129,7 @@ def build_app(state: WorkerState) -> web.Application:
     app.router.add_get("/dashboard/events", dashboard_events)
     app.router.add_get("/client.js", client_js)
     if state.settings.api_keys:
-        state.api = ServerApi(state.settings, state.node)
+        state.api = ServerApi(state.settings, state.node, state.broker)
         add_api_routes(app, state.api)
     if state.settings.demo:
         app.router.add_get("/demo", demo)
@@ -316,20 +316,8 @@ async def _open_session(
     state: WorkerState, conn: Connection, sid: str | None
 ) -> list[tuple[str, int, str]] | None:
     """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
-    node = state.node
-    await node.attach(conn)
-    rejoin: list[tuple[str, int, str]] | None = None
-    if sid:
-        saved = await node.broker.load_session(sid)
-        if saved.get("user") == conn.user:
-            conn.session = sid
-            rejoin = []
-            for name, value in saved.items():
-                if name.startswith("r:"):
-                    seq, _, epoch = value.partition(":")
-                    rejoin.append((name[2:], int(seq), epoch))
-            rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
-    await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+    # Concurrent calls share a Redis round trip (the broker pipelines them).
+    rejoin, _ = await asyncio.gather(state.node.sessions.open(conn, sid), state.node.attach(conn))
     conn.send(
         encode(
             "welcome",
@@ -375,7 +363,7 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
         elif msg.type is WSMsgType.BINARY:
             metrics.MESSAGES_RECEIVED.inc()
             if _admit(conn):
-                _send_error(conn, ErrorCode.BAD_REQUEST, "binary frames are not supported")
+                conn.send_error(ErrorCode.BAD_REQUEST, "binary frames are not supported")
         elif msg.type is WSMsgType.CLOSE:
             # Orderly close: checkpoint first, so the client may resume elsewhere at once.
             conn.closing = True
@@ -392,9 +380,7 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
 
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
     try:
-        await state.node.broker.save_sessions(
-            state.node.checkpoints(conns, final=True), state.settings.session_ttl
-        )
+        await state.node.save_final(conns)
     except Exception as exc:
         log.warning("final session checkpoint failed: %s", exc)
 
@@ -409,7 +395,7 @@ def _admit(conn: Connection, text: str | None = None) -> bool:
     if conn.bucket.take(now):
         return True
     metrics.RATE_LIMIT_DENIED.inc()
-    _send_error(conn, ErrorCode.RATE_LIMITED, "slow down", None if text is None else request_id_of(text))
+    conn.send_error(ErrorCode.RATE_LIMITED, "slow down", None if text is None else request_id_of(text))
     if conn.abuse is None:
         conn.abuse = AbuseWindow()
     if conn.abuse.deny(now):
@@ -424,7 +410,7 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     try:
         command = parse(data)
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message, exc.request_id)
+        conn.send_error(exc.code, exc.message, exc.request_id)
         return
     await _run(state, conn, command)
 
@@ -449,13 +435,13 @@ async def _run(state: WorkerState, conn: Connection, command: object) -> None:
             case Ping():
                 conn.send(encode("pong", request_id))
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message, request_id)
+        conn.send_error(exc.code, exc.message, request_id)
     except LOST as exc:  # Redis down, or full (maxmemory, noeviction): it refused the write
         log.warning("command failed: Redis: %s", exc, extra={"conn": conn.id})
-        _send_error(conn, ErrorCode.UNAVAILABLE, "Redis unavailable", request_id)
+        conn.send_error(ErrorCode.UNAVAILABLE, "Redis unavailable", request_id)
     except Exception:
         log.exception("command failed", extra={"conn": conn.id})
-        _send_error(conn, ErrorCode.INTERNAL, "internal error", request_id)
+        conn.send_error(ErrorCode.INTERNAL, "internal error", request_id)
 
 
 async def _refresh(state: WorkerState, conn: Connection, token: str, request_id: object) -> None:
@@ -472,19 +458,13 @@ async def _refresh(state: WorkerState, conn: Connection, token: str, request_id:
     conn.send(encode("refreshed", request_id, exp=principal.exp))  # type: ignore[arg-type]
 
 
-def _send_error(conn: Connection, code: ErrorCode, message: str, request_id: Any = None) -> None:
-    metrics.ERROR_FRAMES.labels(code.value).inc()
-    metrics.ERRORS.inc()
-    conn.send(encode_error(code, message, request_id))
-
-
 # -- health and metrics ------------------------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     in_ring = state.node.in_ring and set(state.settings.local_slots) <= set(state.node.ring.slots)
-    redis_ok = await state.node.broker.ping()
+    redis_ok = await state.broker.ping()
     ok = in_ring and not state.draining
     status = "ok" if ok else ("draining" if state.draining else "starting")
     body = {
@@ -526,7 +506,8 @@ def wants_prometheus(request: web.Request) -> bool:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     if wants_prometheus(request):
-        return web.Response(body=hostmetrics.prometheus_text(), content_type="text/plain", charset="utf-8")
+        body, content_type = hostmetrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
     state = request.app[STATE]
     return web.json_response(
         {**hostmetrics.snapshot(), "node": state.settings.node_id, "draining": state.draining}, dumps=_dumps
@@ -553,17 +534,17 @@ async def admin_drain(request: web.Request) -> web.Response:
     """POST starts a host drain, GET reports it, DELETE undoes it."""
     require_admin(request)
     state = request.app[STATE]
-    node = state.node
-    key = keys.drain(state.settings.node_id, node.instance)
+    broker = state.broker
+    key = keys.drain(state.settings.node_id, state.node.instance)
     control = keys.host_control(state.settings.node_id)
     if request.method == "POST":
         active = hostmetrics.snapshot()["active_connections"]  # before any is closed
-        await node.broker.set_fields(key, {"active": str(time.time())}, 86400)
-        await node.broker.publish_many([(control, b"drain")])
+        await broker.set_fields(key, {"active": str(time.time())}, 86400)
+        await broker.publish_many([(control, b"drain")])
         return web.json_response({"draining": active}, status=202, dumps=_dumps)
     if request.method == "DELETE":
-        await node.broker.delete(key)
-        await node.broker.publish_many([(control, b"undrain")])
+        await broker.delete(key)
+        await broker.publish_many([(control, b"undrain")])
         return web.json_response({"draining": False}, dumps=_dumps)
     if request.method == "GET":
         return web.json_response(await drain_report(state), dumps=_dumps)
@@ -572,7 +553,7 @@ async def admin_drain(request: web.Request) -> web.Response:
 
 async def drain_report(state: WorkerState) -> dict[str, Any]:
     """Progress of the host's drain, summed over the workers' reports."""
-    fields = await state.node.broker.get_fields(keys.drain(state.settings.node_id, state.node.instance))
+    fields = await state.broker.get_fields(keys.drain(state.settings.node_id, state.node.instance))
     reports = [orjson.loads(v) for k, v in fields.items() if k.startswith("w:")]
     done = bool(reports) and all(r["done"] for r in reports) and len(reports) >= state.settings.workers
     return {

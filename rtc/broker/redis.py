@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
@@ -37,17 +37,13 @@ from rtc import keys, metrics
 from rtc.broker import scripts
 from rtc.broker.base import BrokerHandler, Sequenced, SlotTaken, Unsequenced
 
-__all__ = ["LOST", "ROOM_STATE_TTL", "RedisBroker", "RedisCore", "client_options", "stop_task"]
+__all__ = ["LOST", "RedisBroker", "RedisCore", "Subscriptions", "client_options", "stop_task"]
 
 log = logging.getLogger("rtc.broker")
 
 _PING_EVERY = 5.0
 _SILENCE_LIMIT = 15.0  # no reply to a PING this long: the pub/sub connection is dead
 _TIMEOUT = 5.0
-# A room's slot set and presence hash outlive its last member by at most this (they are
-# refreshed with the membership): long enough for the delayed presence `leave` (5 s) to
-# find them, short enough that rooms nobody uses cost Redis nothing for long.
-ROOM_STATE_TTL = 60
 # What a lost or misrouted pub/sub connection raises (RedisClusterException is no RedisError).
 LOST = (TimeoutError, RedisError, RedisClusterException, OSError, ConnectionError)
 _MESSAGE = frozenset({"message", "smessage"})
@@ -167,6 +163,53 @@ class _Pipeliner:
         for _, future in queue:
             if not future.done():
                 future.set_exception(ConnectionError("broker closed"))
+
+
+class Subscriptions:
+    """Channels to subscribe, sent in batches, one batch at a time.
+
+    A connect storm subscribes an inbox per connection: one SUBSCRIBE for all the
+    channels of a loop turn is one write instead of hundreds. One at a time also keeps a
+    fresh pub/sub connection from being opened twice by concurrent first subscriptions
+    (redis-py's PubSub would keep only the second, and the first's confirmations would
+    never be read).
+    """
+
+    def __init__(self, send: Callable[[list[bytes]], Awaitable[Any]]) -> None:
+        self._send = send
+        self._pending: list[bytes] = []
+        self._next: asyncio.Future[None] | None = None  # done when `_pending` was sent
+        self._task: asyncio.Task[None] | None = None
+
+    async def add(self, name: bytes) -> None:
+        """Send the subscription of `name` (with others of this turn); raises if sending failed."""
+        loop = asyncio.get_running_loop()
+        if self._next is None:
+            self._next = loop.create_future()
+            if self._task is None:
+                self._task = loop.create_task(self._run())
+        self._pending.append(name)
+        await asyncio.shield(self._next)
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let this loop turn's subscriptions join
+            while self._next is not None:
+                names, sent = self._pending, self._next
+                self._pending, self._next = [], None
+                try:
+                    await self._send(names)
+                except Exception as exc:
+                    sent.set_exception(exc)
+                    sent.exception()  # retrieved: its callers may all have given up
+                else:
+                    sent.set_result(None)
+        finally:
+            self._task = None
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class RedisCore(ABC):
@@ -417,7 +460,12 @@ class RedisCore(ABC):
         with self._timed("membership"):
             estimate = await self._batch.script(
                 self._scripts["JOIN"],
-                [keys.members(room, slot), keys.member_slots(room), keys.presence(room)],
+                [
+                    keys.members(room, slot),
+                    keys.member_slots(room),
+                    keys.presence(room),
+                    keys.pending_leaves(room),
+                ],
                 [
                     user,
                     slot,
@@ -426,25 +474,30 @@ class RedisCore(ABC):
                     keys.room_channel(room),
                     presence,
                     presence_max,
-                    ROOM_STATE_TTL,
                 ],
             )
         return int(estimate)
 
-    async def leave(self, room: str, slot: str, user: str) -> bool:
-        """True when this slot has no connection of `user` in `room` any more."""
-        with self._timed("membership"):
-            return bool(await self._batch.script(self._scripts["LEAVE"], [keys.members(room, slot)], [user]))
-
-    async def presence_gone(self, room: str, user: str, presence: bytes, presence_max: int) -> bool:
+    async def leave(self, room: str, slot: str, user: str, delay_ms: int, ttl: int) -> bool:
+        """True when this slot has no connection of `user` in `room` any more (a leave is pending)."""
         with self._timed("membership"):
             return bool(
                 await self._batch.script(
-                    self._scripts["PRESENCE_GONE"],
-                    [keys.member_slots(room), keys.presence(room)],
-                    [user, keys.members(room, ""), keys.room_channel(room), presence, presence_max],
+                    self._scripts["LEAVE"],
+                    [keys.members(room, slot), keys.pending_leaves(room)],
+                    [user, delay_ms, ttl],
                 )
             )
+
+    async def sweep(self, room: str, leave: tuple[bytes, bytes], presence_max: int) -> list[str]:
+        """Announce the due leaves of `room` (`leave` is the frame around the user's JSON)."""
+        with self._timed("membership"):
+            gone = await self._batch.script(
+                self._scripts["SWEEP"],
+                [keys.member_slots(room), keys.presence(room), keys.pending_leaves(room)],
+                [keys.members(room, ""), keys.room_channel(room), presence_max, *leave],
+            )
+        return [_text(user) for user in gone]
 
     async def members(self, room: str, limit: int) -> tuple[int, list[str]]:
         with self._timed("membership"):
@@ -454,16 +507,15 @@ class RedisCore(ABC):
         return int(count), [u.decode() for u in users]
 
     async def refresh_members(self, slot: str, rooms: Sequence[str], ttl: int) -> None:
-        """Keep this slot's membership keys (and its rooms' shared state) alive; a dead
-        worker's expire on their own, and so does what an emptied room leaves behind."""
+        """Keep this slot's membership (and its rooms' presence) alive; a dead worker's expires."""
         if not rooms:
             return
         with self._timed("membership"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for room in rooms:
                     pipe.expire(keys.members(room, slot), ttl)
-                    pipe.expire(keys.member_slots(room), ROOM_STATE_TTL)
-                    pipe.expire(keys.presence(room), ROOM_STATE_TTL)
+                    pipe.expire(keys.member_slots(room), ttl)
+                    pipe.expire(keys.presence(room), ttl)
                 await pipe.execute()
 
     # -- sessions ------------------------------------------------------------------------------
@@ -517,8 +569,7 @@ class RedisBroker(RedisCore):
         super().__init__(self._server, handler, worker)
         self._pubsub = self._server.pubsub()
         self._reader: asyncio.Task[None] | None = None
-        self._subscribing: list[bytes] = []
-        self._subscribe: asyncio.Task[None] | None = None
+        self._subscriptions = Subscriptions(lambda names: self._pubsub.subscribe(*names))
 
     async def start(self) -> None:
         await self._ping()
@@ -526,6 +577,7 @@ class RedisBroker(RedisCore):
 
     async def close(self) -> None:
         await stop_task(self._reader)
+        self._subscriptions.close()
         await self._batch.close()
         await self._messages.close()
         with contextlib.suppress(RedisError, OSError):
@@ -536,16 +588,7 @@ class RedisBroker(RedisCore):
         return bool(await self._server.ping())
 
     async def _listen(self, name: bytes) -> None:
-        """Channels subscribed in one loop turn (every connect's inbox) go in one SUBSCRIBE."""
-        self._subscribing.append(name)
-        if self._subscribe is None:
-            self._subscribe = asyncio.get_running_loop().create_task(self._subscribe_batch())
-        await asyncio.shield(self._subscribe)
-
-    async def _subscribe_batch(self) -> None:
-        await asyncio.sleep(0)
-        names, self._subscribing, self._subscribe = self._subscribing, [], None
-        await self._pubsub.subscribe(*names)
+        await self._subscriptions.add(name)
 
     async def _unlisten(self, name: bytes) -> None:
         await self._pubsub.unsubscribe(name)
