@@ -249,10 +249,10 @@ async def _open_session(
 ) -> list[tuple[str, int, str]] | None:
     """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
     node = state.node
-    await node.attach(conn)
     rejoin: list[tuple[str, int, str]] | None = None
+    # Concurrent calls share a Redis round trip (the broker pipelines them).
     if sid:
-        saved = await node.broker.load_session(sid)
+        saved, _ = await asyncio.gather(node.broker.load_session(sid), node.attach(conn))
         if saved.get("user") == conn.user:
             conn.session = sid
             rejoin = []
@@ -261,7 +261,10 @@ async def _open_session(
                     seq, _, epoch = value.partition(":")
                     rejoin.append((name[2:], int(seq), epoch))
             rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
-    await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+        await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+    else:
+        session = node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+        await asyncio.gather(session, node.attach(conn))
     conn.send(
         encode(
             "welcome",
