@@ -447,7 +447,8 @@ def wants_prometheus(request: web.Request) -> bool:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     if wants_prometheus(request):
-        return web.Response(body=hostmetrics.prometheus_text(), content_type="text/plain", charset="utf-8")
+        body, content_type = hostmetrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
     state = request.app[STATE]
     return web.json_response(
         {**hostmetrics.snapshot(), "node": state.settings.node_id, "draining": state.draining}, dumps=_dumps

@@ -112,6 +112,7 @@ class _Worker:
             metrics.PUBSUB_RECONNECTS,
             metrics.GAPS_FILLED,
             metrics.GAPS_REPORTED,
+            metrics.DRAINS,
         ):
             family.labels(self.label)
         metrics.REDIS_UP.labels(self.label).set(1)
@@ -252,7 +253,7 @@ async def drain_connections(state: WorkerState, *, host: bool) -> None:
     settings = state.settings
     node = state.node
     generation = state.drain_generation
-    metrics.DRAINS.inc()
+    metrics.DRAINS.labels(state.worker).inc()
     started = time.monotonic()
     migrated = failed = 0
     key = keys.drain(settings.node_id, node.instance)
