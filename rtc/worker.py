@@ -28,7 +28,7 @@ from aiohttp.abc import AbstractAccessLogger
 from rtc import keys, metrics
 from rtc.app import WorkerState, build_app
 from rtc.auth import Verifier
-from rtc.broker import SlotTaken
+from rtc.broker import SlotTaken, make_broker
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import CloseCode, ExitStatus
@@ -36,6 +36,7 @@ from rtc.hostcount import HostConnections
 from rtc.log import redact, setup_logging
 from rtc.node import Node
 from rtc.protocol import encode
+from rtc.routing.channels import Channels
 
 __all__ = ["WorkerSpec", "drain_connections", "run_worker"]
 
@@ -118,7 +119,9 @@ class _Worker:
         metrics.REDIS_UP.labels(self.label).set(1)
         metrics.declare_label_values()
 
-        node = Node(self.settings, self.slot, self.spec.instance, self.label)
+        channels = Channels()
+        broker = make_broker(self.settings, channels, self.label)
+        node = Node(self.settings, self.slot, self.spec.instance, self.label, broker, channels)
         try:
             await node.start()
         except Exception as exc:  # a bad --redis-url, or Redis down: a setting to fix
@@ -127,6 +130,7 @@ class _Worker:
         state = WorkerState(
             self.settings,
             node,
+            broker,
             Verifier(self.settings, time.time),
             self.label,
             self.spec.index,
@@ -159,7 +163,7 @@ class _Worker:
         if joined:
             node.spawn(node.maintain())
             node.spawn(node.checkpoint_forever())
-            drain = await node.broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
+            drain = await broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
             if "active" in drain:
                 self._on_control(state, b"drain")
             self._report(b"ready")
@@ -284,7 +288,7 @@ async def drain_connections(state: WorkerState, *, host: bool) -> None:
             )
             conn.closing = True  # nothing more is written: the checkpoint is exact
         with contextlib.suppress(Exception):
-            await node.broker.save_sessions(node.checkpoints(batch, final=True), settings.session_ttl)
+            await node.save_final(batch)
         results = await asyncio.gather(*(_close(conn) for conn in batch))
         migrated += sum(results)
         failed += len(results) - sum(results)
@@ -322,4 +326,4 @@ async def _report_drain(
         "seconds": round(time.monotonic() - started, 3),
     }
     with contextlib.suppress(Exception):
-        await state.node.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()}, 86400)
+        await state.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()}, 86400)

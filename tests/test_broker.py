@@ -128,12 +128,17 @@ async def test_members_presence_and_dead_slots(
     assert announced == [b'0 0 {"p":"alice"}', b'0 0 {"p":"bob"}']  # alice announced once
     assert await b.members("m", 1000) == (2, ["alice", "bob"])
     assert await b.members("m", 1) == (2, ["alice"])
-    assert await b.leave("m", "h:0", "alice") is True
-    assert await b.presence_gone("m", "alice", b"gone", 100) is False  # still on h:1
+    assert await b.leave("m", "h:0", "alice", 0, 15) is True
+    assert await b.sweep("m", (b"<", b">"), 100) == []  # still on h:1
+    await b.join("m", "h:0", "carol", b'{"p":"carol"}', 100, 15)
+    assert await b.leave("m", "h:0", "carol", 60_000, 15) is True
     fresh_redis.cli("DEL", keys.members("m", "h:1"))  # h:1 died: its key expired
-    assert await b.presence_gone("m", "alice", b"gone", 100) is True
+    assert sorted(await b.sweep("m", (b"<", b">"), 100)) == ["alice", "bob"]  # carol: not due
+    announced = {(await asyncio.wait_for(recorder.messages.get(), 5))[1] for _ in range(3)}
+    assert announced == {b'0 0 {"p":"carol"}', b'0 0 <"alice">', b'0 0 <"bob">'}
     assert await b.members("m", 1000) == (0, [])
     assert fresh_redis.cli("SMEMBERS", keys.member_slots("m")).split() == []  # dead slots pruned
+    assert fresh_redis.cli("HKEYS", keys.presence("m")).split() == ["carol"]
 
 
 async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
@@ -142,11 +147,11 @@ async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
     """A connect storm's small commands are pipelined, and a leave issued after a join (not
     awaited in between) still runs after it: the counts come out as issued."""
     b, _ = broker
-    await b.leave("warm", "h:0", "carol")  # a fresh Redis refuses the first EVALSHA: scripts load
+    await b.leave("warm", "h:0", "carol", 0, 15)  # a fresh Redis refuses the first EVALSHA: scripts load
     before = _calls(fresh_redis)
     results = await asyncio.gather(
         b.join("o", "h:0", "carol", b"j", 0, 15),
-        b.leave("o", "h:0", "carol"),
+        b.leave("o", "h:0", "carol", 0, 15),
         b.join("o", "h:0", "carol", b"j", 0, 15),
         b.save_sessions({"s1": {"user": "carol"}, "s2": {"user": "dan"}}, 60),
         b.load_session("s1"),

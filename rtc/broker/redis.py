@@ -460,7 +460,12 @@ class RedisCore(ABC):
         with self._timed("membership"):
             estimate = await self._batch.script(
                 self._scripts["JOIN"],
-                [keys.members(room, slot), keys.member_slots(room), keys.presence(room)],
+                [
+                    keys.members(room, slot),
+                    keys.member_slots(room),
+                    keys.presence(room),
+                    keys.pending_leaves(room),
+                ],
                 [
                     user,
                     slot,
@@ -473,20 +478,26 @@ class RedisCore(ABC):
             )
         return int(estimate)
 
-    async def leave(self, room: str, slot: str, user: str) -> bool:
-        """True when this slot has no connection of `user` in `room` any more."""
-        with self._timed("membership"):
-            return bool(await self._batch.script(self._scripts["LEAVE"], [keys.members(room, slot)], [user]))
-
-    async def presence_gone(self, room: str, user: str, presence: bytes, presence_max: int) -> bool:
+    async def leave(self, room: str, slot: str, user: str, delay_ms: int, ttl: int) -> bool:
+        """True when this slot has no connection of `user` in `room` any more (a leave is pending)."""
         with self._timed("membership"):
             return bool(
                 await self._batch.script(
-                    self._scripts["PRESENCE_GONE"],
-                    [keys.member_slots(room), keys.presence(room)],
-                    [user, keys.members(room, ""), keys.room_channel(room), presence, presence_max],
+                    self._scripts["LEAVE"],
+                    [keys.members(room, slot), keys.pending_leaves(room)],
+                    [user, delay_ms, ttl],
                 )
             )
+
+    async def sweep(self, room: str, leave: tuple[bytes, bytes], presence_max: int) -> list[str]:
+        """Announce the due leaves of `room` (`leave` is the frame around the user's JSON)."""
+        with self._timed("membership"):
+            gone = await self._batch.script(
+                self._scripts["SWEEP"],
+                [keys.member_slots(room), keys.presence(room), keys.pending_leaves(room)],
+                [keys.members(room, ""), keys.room_channel(room), presence_max, *leave],
+            )
+        return [_text(user) for user in gone]
 
     async def members(self, room: str, limit: int) -> tuple[int, list[str]]:
         with self._timed("membership"):
@@ -496,13 +507,15 @@ class RedisCore(ABC):
         return int(count), [u.decode() for u in users]
 
     async def refresh_members(self, slot: str, rooms: Sequence[str], ttl: int) -> None:
-        """Keep this slot's membership keys alive; a dead worker's expire on their own."""
+        """Keep this slot's membership (and its rooms' presence) alive; a dead worker's expires."""
         if not rooms:
             return
         with self._timed("membership"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for room in rooms:
                     pipe.expire(keys.members(room, slot), ttl)
+                    pipe.expire(keys.member_slots(room), ttl)
+                    pipe.expire(keys.presence(room), ttl)
                 await pipe.execute()
 
     # -- sessions ------------------------------------------------------------------------------
