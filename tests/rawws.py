@@ -1,129 +1,208 @@
-"""A bare WebSocket client on asyncio streams, for tests that need control over the socket.
-
-aiohttp's client reads ahead and closes politely; these tests need to read at their own pace
-(so frames pile up in the kernel's buffers, "in flight"), and to vanish with a TCP reset
-(no close frame, no FIN) at a chosen moment. Frames are JSON text, as the protocol is.
-"""
+"""A WebSocket client written by hand on a plain TCP socket, for attacks no library makes."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import hashlib
 import os
 import socket
 import struct
+import urllib.parse
 from typing import Any
-from urllib.parse import urlencode
 
 import orjson
 
-__all__ = ["RawSocket", "Refused"]
+from tests.rtcproc import Host
+
+__all__ = ["OP_BINARY", "OP_CLOSE", "OP_CONT", "OP_PING", "OP_PONG", "OP_TEXT", "RawWS"]
 
 
-class Refused(Exception):
-    """The upgrade was answered with something other than 101."""
+def _mask(payload: bytes, key: bytes) -> bytes:
+    if not payload:
+        return payload
+    n = len(payload)
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
-class RawSocket:
-    """One client WebSocket: send JSON frames, receive them one by one, reset or close."""
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.close_code: int | None = None
+
+class RawWS:
+    """An HTTP upgrade and WebSocket frames written by hand on a plain TCP socket (RFC 6455).
+
+    No client library stands between the test and the wire: the status line is what the
+    server answered, and every frame is the bytes the test chose (FIN, RSV1, lengths).
+    """
+
+    def __init__(
+        self, sock: socket.socket, status: int, headers: dict[str, str], body: bytes, buffer: bytes
+    ) -> None:
+        self.sock = sock
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.buf = bytearray(buffer)
 
     @classmethod
-    async def open(cls, host: str, port: int, *, rcvbuf: int = 0, **query: str) -> RawSocket:
-        """Upgrade `/ws?<query>`; `rcvbuf` fixes the receive buffer (no autotuning), so
-        what can be in flight towards this client is known."""
-        sock = socket.socket()
-        sock.setblocking(False)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    def open(
+        cls,
+        host: Host,
+        *,
+        token: str | None = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        path: str = "/ws",
+        source: str | None = None,
+        rcvbuf: int | None = None,
+        timeout: float = 5.0,
+    ) -> RawWS:
+        query = dict(params or {})
+        if token is not None:
+            query["token"] = token
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            if rcvbuf is not None:  # before connect, so the advertised window is small
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source is not None:
+                sock.bind((source, 0))
+            sock.settimeout(timeout)
+            sock.connect((host.host, host.port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            lines = [
+                f"GET {target} HTTP/1.1",
+                f"Host: {host.host}:{host.port}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {key}",
+                "Sec-WebSocket-Version: 13",
+            ]
+            lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed during the handshake: {data!r}")
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            status = int(status_line.split()[1])
+            found: dict[str, str] = {}
+            for line in header_lines:
+                name, _, value = line.partition(":")
+                found[name.strip().lower()] = value.strip()
+            body = b""
+            if status == 101:
+                accept = base64.b64encode(
+                    hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+                ).decode()
+                assert found.get("sec-websocket-accept") == accept, found
+            else:
+                length = int(found.get("content-length", "0"))
+                while len(rest) < length:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    rest += chunk
+                body, rest = rest[:length], rest[length:]
+            return cls(sock, status, found, body, rest)
         except BaseException:
             sock.close()
             raise
-        reader, writer = await asyncio.open_connection(sock=sock)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /ws?{urlencode(query)} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 101"):
-            writer.close()
-            raise Refused(head.split(b"\r\n", 1)[0].decode())
-        return cls(reader, writer)
 
-    async def send(self, **frame: Any) -> None:
-        self._write(0x1, orjson.dumps(frame))
-        await self.writer.drain()
+    def close(self) -> None:
+        self.sock.close()
 
-    def _write(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        size = len(payload)
-        if size < 126:
-            head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
-        elif size < 1 << 16:
-            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+    # -- frames out ----------------------------------------------------------------------
+
+    def send_frame(
+        self,
+        opcode: int,
+        payload: bytes = b"",
+        *,
+        fin: bool = True,
+        rsv1: bool = False,
+        declared_length: int | None = None,
+    ) -> None:
+        length = len(payload) if declared_length is None else declared_length
+        first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+        if length < 126:
+            header = struct.pack("!BB", first, 0x80 | length)
+        elif length < 65536:
+            header = struct.pack("!BBH", first, 0x80 | 126, length)
         else:
-            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
-        word = int.from_bytes(mask * (size // 4 + 1), "big") >> (8 * (4 - size % 4))
-        masked = (int.from_bytes(payload, "big") ^ word).to_bytes(size, "big") if size else b""
-        self.writer.write(head + mask + masked)
+            header = struct.pack("!BBQ", first, 0x80 | 127, length)
+        key = os.urandom(4)
+        self.sock.sendall(header + key + _mask(payload, key))
 
-    async def recv(self) -> dict[str, Any] | None:
-        """The next JSON frame; None once the server closed (its code in `close_code`)."""
+    def send_json(self, **frame: Any) -> None:
+        self.send_frame(OP_TEXT, orjson.dumps(frame))
+
+    # -- frames in ---------------------------------------------------------------------------
+
+    def _need(self, count: int) -> None:
+        while len(self.buf) < count:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("server closed the connection")
+            self.buf += chunk
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        self._need(2)
+        first, second = self.buf[0], self.buf[1]
+        length, offset = second & 0x7F, 2
+        if length == 126:
+            self._need(4)
+            (length,) = struct.unpack("!H", self.buf[2:4])
+            offset = 4
+        elif length == 127:
+            self._need(10)
+            (length,) = struct.unpack("!Q", self.buf[2:10])
+            offset = 10
+        self._need(offset + length)
+        payload = bytes(self.buf[offset : offset + length])
+        del self.buf[: offset + length]
+        return first & 0x0F, payload
+
+    def frames_until(self, kind: str) -> list[dict[str, Any]]:
+        """JSON frames up to and including the first of `kind`."""
+        seen: list[dict[str, Any]] = []
         while True:
-            try:
-                b0, b1 = await self.reader.readexactly(2)
-                size = b1 & 0x7F
-                if size == 126:
-                    (size,) = struct.unpack("!H", await self.reader.readexactly(2))
-                elif size == 127:
-                    (size,) = struct.unpack("!Q", await self.reader.readexactly(8))
-                payload = await self.reader.readexactly(size)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return None
-            opcode = b0 & 0x0F
-            if opcode == 0x1:
-                frame: dict[str, Any] = orjson.loads(payload)
-                return frame
-            if opcode == 0x8:
-                self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-                return None
-            if opcode == 0x9:  # the server's heartbeat: answer, or it closes us
-                self._write(0xA, payload)
+            opcode, payload = self.recv_frame()
+            if opcode == OP_CLOSE:
+                raise AssertionError(f"closed while waiting for {kind}: {payload!r} after {seen}")
+            if opcode == OP_TEXT:
+                seen.append(orjson.loads(payload))
+                if seen[-1].get("type") == kind:
+                    return seen
 
-    async def expect(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The next frame of `kind`; anything else first is a test failure."""
-        async with asyncio.timeout(timeout):
-            frame = await self.recv()
-        assert frame is not None and frame["type"] == kind, f"expected {kind}, got {frame}"
-        return frame
-
-    def abandon(self) -> None:
-        """Drop the connection if still open (test teardown)."""
-        if not self.writer.is_closing():
-            self.writer.transport.abort()
-
-    def reset(self) -> None:
-        """Vanish: a TCP reset, whatever the buffers still hold."""
-        sock = self.writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
-
-    async def close(self) -> None:
-        """An orderly close: close frame, then read until the server's close."""
-        if self.writer.is_closing():
-            return
-        self._write(0x8, struct.pack("!H", 1000))
+    def close_outcome(self, timeout: float = 10.0) -> tuple[int | str, list[dict[str, Any]]]:
+        """How the server ended the connection: its close code, or 'eof'/'reset'; and the
+        JSON frames it sent before."""
+        self.sock.settimeout(timeout)
+        frames: list[dict[str, Any]] = []
         try:
-            async with asyncio.timeout(10):
-                while await self.recv() is not None:
-                    pass
-        finally:
-            self.writer.close()
+            while True:
+                opcode, payload = self.recv_frame()
+                if opcode == OP_CLOSE:
+                    return (struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005), frames
+                if opcode == OP_TEXT:
+                    frames.append(orjson.loads(payload))
+        except EOFError:
+            return "eof", frames
+        except ConnectionResetError:
+            return "reset", frames
+        except TimeoutError:
+            return "still open", frames
+
+    def no_frame_follows(self) -> bool:
+        """After a refusal: nothing but EOF or silence (never a WebSocket frame)."""
+        self.sock.settimeout(0.05)
+        try:
+            return self.sock.recv(1) == b""
+        except TimeoutError:
+            return not self.buf
+        except ConnectionResetError:
+            return True

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.rawws import RawSocket
+from tests.rawstream import RawSocket
 from tests.rtcproc import Host, free_ports, hosts, start_redis, stop_process, token, wait_for
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.client import Client
-from tests.rawws import RawSocket, Refused
+from tests.rawstream import RawSocket, Refused
 from tests.rtcproc import Host, hosts, settle_ring, start_redis, token
 
 ROOM = "ledger.room"

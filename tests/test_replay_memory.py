@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.client import Client
-from tests.rawws import RawSocket
+from tests.rawstream import RawSocket
 from tests.rtcproc import Host, RedisServer, hosts, start_redis, token
 
 ROOM = "heavy"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.client import Client
-from tests.rawws import RawSocket
+from tests.rawstream import RawSocket
 from tests.rtcproc import Host, RedisServer, hosts, start_redis, token
 
 FILLER = "x"

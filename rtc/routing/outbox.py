@@ -1,4 +1,4 @@
-"""PUBLISHes to other workers, queued in order and sent in one pipeline per loop turn."""
+"""Slot records to other workers, queued in order: one message per slot per loop turn."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from rtc.broker.base import Publisher
+from rtc.routing.records import encode_slots
 from rtc.routing.tasks import Tasks
 
 __all__ = ["Outbox"]
@@ -38,13 +39,24 @@ class Outbox:
             while self._queue:
                 batch, self._queue = self._queue, []
                 nobody, self._nobody = self._nobody, {}
+                # One message per channel: the records of a turn to one slot travel together.
+                by_channel: dict[str, list[int]] = {}
+                for index, (channel, _) in enumerate(batch):
+                    by_channel.setdefault(channel, []).append(index)
+                messages = [
+                    (channel, encode_slots([batch[i][1] for i in indexes]))
+                    for channel, indexes in by_channel.items()
+                ]
                 try:
-                    receivers = await self._publisher.publish_many(batch)
+                    receivers = await self._publisher.publish_many(messages)
                 except Exception as exc:
                     log.warning("forwarding failed: %s", exc)
                     continue  # the forwards expire into `unavailable`
-                for index, callback in nobody.items():
-                    if receivers[index] == 0:
-                        callback()
+                for count, indexes in zip(receivers, by_channel.values(), strict=True):
+                    if count == 0:
+                        for index in indexes:
+                            callback = nobody.get(index)
+                            if callback is not None:
+                                callback()
         finally:
             self._scheduled = False
