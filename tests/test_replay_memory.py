@@ -29,7 +29,7 @@ READERS = 4  # of the SOCKETS, these read their whole replay
 MIB = 1 << 20
 SEND_QUEUE = 1 * MIB  # the default --send-queue-bytes
 PAGE = SEND_QUEUE // 2  # a replay page holds at most half the send queue
-SLACK = 32 * MIB  # allocator and interpreter noise
+SLACK = 48 * MIB  # allocator and interpreter noise, and the 64 connections' own state
 # Per joiner: its send queue, and the page being read (Redis's reply, then its frames).
 WORKER_BOUND = SOCKETS * (SEND_QUEUE + 2 * PAGE) + SLACK
 REDIS_BOUND = SOCKETS * PAGE + SLACK
