@@ -36,6 +36,7 @@ from rtc.protocol import (
     encode_error,
     inbox,
     parse,
+    request_id_of,
 )
 from rtc.ratelimit import AbuseWindow, TokenBucket
 
@@ -320,8 +321,10 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     metrics.MESSAGES_RECEIVED.inc()
     now = time.monotonic()
     if not conn.bucket.take(now):
+        # Frames that waited in the kernel while this worker was stalled count too: the
+        # server cannot tell them from a burst (docs/protocol.md). The id says which.
         metrics.RATE_LIMIT_DENIED.inc()
-        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down")
+        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down", request_id_of(data))
         if conn.abuse is None:
             conn.abuse = AbuseWindow()
         if conn.abuse.deny(now):
@@ -330,7 +333,7 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     try:
         command = parse(data)
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message)
+        _send_error(conn, exc.code, exc.message, exc.request_id)
         return
     await _run(state, conn, command)
 

@@ -39,10 +39,11 @@ class CloseCode(enum.IntEnum):
 class ProtocolError(Exception):
     """A client frame that cannot be served; becomes an `error` frame, never a close."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, request_id: str | int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.request_id = request_id  # the frame's `id` when it had a valid one: echoed
 
 
 class AuthError(Exception):
