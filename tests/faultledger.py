@@ -197,21 +197,23 @@ class Publisher:
                 await client.close()
 
     async def _publish(self, client: Client, stop: asyncio.Event, deadline: Callable[[], float]) -> bool:
-        for value in self.pending():  # a new connection: nothing sent before will be answered
-            await self._send(client, value)
-        while not client.closed.is_set():
-            self._read(client)
-            if stop.is_set():
-                if not self.pending() or time.monotonic() >= deadline():
-                    return True
-            else:
-                self._next += 1
-                await self._send(client, self._next)
-            for value in self._due()[:RETRIES_PER_TICK]:
+        reader = asyncio.create_task(self._read(client))  # answers are timed as they arrive
+        try:
+            for value in self.pending():  # a new connection: nothing sent before will be answered
                 await self._send(client, value)
-            await asyncio.sleep(self.interval)
-        self._read(client)
-        return False
+            while not client.closed.is_set():
+                if stop.is_set():
+                    if not self.pending() or time.monotonic() >= deadline():
+                        return True
+                else:
+                    self._next += 1
+                    await self._send(client, self._next)
+                for value in self._due()[:RETRIES_PER_TICK]:
+                    await self._send(client, value)
+                await asyncio.sleep(self.interval)
+            return False
+        finally:
+            reader.cancel()
 
     async def _send(self, client: Client, value: int) -> None:
         self.attempts.setdefault(value, []).append(Attempt(value, time.monotonic()))
@@ -228,9 +230,9 @@ class Publisher:
                 due.append(value)
         return due
 
-    def _read(self, client: Client) -> None:
-        while not client.frames.empty():
-            frame = client.frames.get_nowait()
+    async def _read(self, client: Client) -> None:
+        while True:
+            frame = await client.frames.get()
             kind = frame["type"]
             if kind not in ("ack", "error"):
                 continue
