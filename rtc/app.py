@@ -18,6 +18,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from rtc import hostmetrics, keys, metrics
+from rtc.api import ServerApi, add_api_routes
 from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_request
 from rtc.config import Settings
 from rtc.connection import Connection
@@ -62,6 +63,7 @@ class WorkerState:
     opening: int = 0  # upgrades accepted whose `welcome` is not sent yet
     open_count: int = 0
     drain_task: asyncio.Task[None] | None = None
+    api: ServerApi | None = None  # with --api-keys: answers the cluster's server API questions
 
 
 STATE = web.AppKey("state", WorkerState)
@@ -78,6 +80,10 @@ def build_app(state: WorkerState) -> web.Application:
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/dashboard/data", dashboard_data)
     app.router.add_get("/dashboard/events", dashboard_events)
+    app.router.add_get("/client.js", client_js)
+    if state.settings.api_keys:
+        state.api = ServerApi(state.settings, state.node)
+        add_api_routes(app, state.api)
     if state.settings.demo_enabled:
         app.router.add_get("/demo", demo)
         app.router.add_post("/demo/token", demo_token)
@@ -509,6 +515,15 @@ def _dashboard_snapshot(state: WorkerState) -> dict[str, Any]:
         "ring": {"slots": list(state.node.ring.slots)},
         "ts": int(time.time() * 1000),
     }
+
+
+async def client_js(request: web.Request) -> web.Response:
+    """The JavaScript SDK as an ES module (no auth: it holds no secret)."""
+    return web.Response(
+        body=_static("client.js"),
+        content_type="text/javascript",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
 
 
 async def demo(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from rtc.errors import ConfigError
 
 __all__ = ["Settings", "add_serve_arguments", "settings_from"]
 
+API_KEY_MIN_LENGTH = 16  # a guessable server API key would open publishing to anyone
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
@@ -65,6 +66,7 @@ class Settings:
     session_ttl: int = 300
     presence_events_max: int = 100
     public_url: str | None = None
+    api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     drain_batch: int = 500
     drain_interval: float = 0.1
     shutdown_timeout: float = 30.0
@@ -99,6 +101,20 @@ class Settings:
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _api_keys(value: str) -> tuple[tuple[str, str], ...]:
+    """`NAME:KEY` entries, comma or newline separated; the name says which key was used."""
+    pairs: list[tuple[str, str]] = []
+    for entry in value.replace("\n", ",").split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, _, key = entry.partition(":")
+        if not name.strip() or len(key.strip()) < API_KEY_MIN_LENGTH:
+            raise ValueError(f"API keys are NAME:KEY with a key of at least {API_KEY_MIN_LENGTH} characters")
+        pairs.append((name.strip(), key.strip()))
+    return tuple(pairs)
 
 
 def _bool(value: str) -> bool:
@@ -146,6 +162,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("session_ttl", int, "seconds a session can be resumed"),
     _Option("presence_events_max", int, "no presence events in rooms with more members"),
     _Option("public_url", str, "new_endpoint announced on drain"),
+    _Option("api_keys", _api_keys, "server API keys, NAME:KEY comma list (default: API off)", "KEYS"),
+    _Option("api_keys_file", str, "read server API keys from FILE, one NAME:KEY a line", "FILE"),
     _Option("drain_batch", int, "connections closed per drain step"),
     _Option("drain_interval", float, "seconds between drain steps"),
     _Option("shutdown_timeout", float, "seconds a graceful stop may take"),
@@ -190,6 +208,13 @@ def settings_from(
                 break
     secret_file = raw.pop("jwt_secret_file", None)
     raw["jwt_secret"] = _secret(raw.get("jwt_secret"), secret_file, environ)
+    keys_file = raw.pop("api_keys_file", None)
+    if keys_file:
+        try:
+            file_keys = _api_keys(_read(keys_file, "--api-keys-file"))
+        except ValueError as exc:
+            raise ConfigError(f"--api-keys-file: {exc}") from None
+        raw["api_keys"] = (*raw.get("api_keys", ()), *file_keys)
     if raw.get("jwt_public_key"):
         raw["jwt_public_key"] = _read(raw["jwt_public_key"], "--jwt-public-key")
     if raw.get("runtime_dir") is None and environ.get("RUNTIME_DIRECTORY"):
@@ -206,7 +231,9 @@ def settings_from(
 def _parse(option: _Option, value: str, source: str) -> Any:
     try:
         return option.parse(value)
-    except ValueError:
+    except ValueError as exc:
+        if option.parse is _api_keys:  # never echo a secret to the log
+            raise ConfigError(f"{source}: {exc}") from None
         raise ConfigError(f"{source}: invalid value {value!r}") from None
 
 

@@ -108,14 +108,14 @@ class Connection:
         else:
             held.append(wire)
 
-    def close_soon(self, code: CloseCode, reason: str) -> None:
+    def close_soon(self, code: int, reason: str) -> None:
         """Start a close handshake; abort the transport if it cannot finish in time."""
         if self.closing:
             return
         self.closing = True
         asyncio.get_running_loop().create_task(self._close(code, reason))
 
-    async def _close(self, code: CloseCode, reason: str) -> None:
+    async def _close(self, code: int, reason: str) -> None:
         try:
             async with asyncio.timeout(_CLOSE_FLUSH_SECONDS):
                 await self.ws.close(code=code, message=reason.encode())

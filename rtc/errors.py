@@ -34,6 +34,7 @@ class CloseCode(enum.IntEnum):
     TOO_BIG = 1009  # incoming frame over --max-message-bytes
     TRY_AGAIN = 1013  # slow consumer: send queue over --send-queue-bytes
     TOKEN_EXPIRED = 4001  # token expired without a refresh
+    DISCONNECTED = 4003  # closed by the server API (`/api/disconnect`): SDKs do not reconnect
 
 
 class ProtocolError(Exception):

@@ -288,12 +288,32 @@ class Node:
 
         self._route(inbox(cmd.to), self._unsequenced(conn, head, tail, ts, cmd.id), ack)
 
+    def submit(
+        self, key: str, head: bytes, tail: bytes, ts: int, dedup: str | None
+    ) -> asyncio.Future[int | None]:
+        """Sequence a frame for a room or inbox on behalf of no connection (the server API).
+
+        Resolves to the seq, or None when it could not be sequenced in time.
+        """
+        item = self._item(head, tail, ts, dedup)
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+        def reply(seq: int | None) -> None:
+            if not future.done():
+                future.set_result(seq)
+
+        self._route(key, item, reply)
+        return future
+
     def _unsequenced(
         self, conn: Connection, head: bytes, tail: bytes, ts: int, request_id: RequestId
     ) -> Unsequenced:
+        dedup = None if request_id is None else f"{conn.session}:{orjson.dumps(request_id).decode()}"
+        return self._item(head, tail, ts, dedup)
+
+    def _item(self, head: bytes, tail: bytes, ts: int, dedup: str | None) -> Unsequenced:
         if len(head) + len(tail) + _SEQ_DIGITS > self.settings.max_message_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, "message exceeds the size limit")
-        dedup = None if request_id is None else f"{conn.session}:{orjson.dumps(request_id).decode()}"
         return Unsequenced(head, tail, ts, dedup)
 
     # -- ownership: forward or sequence ---------------------------------------------------------

@@ -24,6 +24,7 @@ __all__ = [
     "Ping",
     "Publish",
     "Refresh",
+    "check_name",
     "direct_halves",
     "encode",
     "encode_error",
@@ -169,6 +170,11 @@ def _request_id(obj: dict[str, Any]) -> RequestId:
     if _is_int(request_id) and abs(request_id) < 2**63:
         return int(request_id)
     raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'id' must be a short string or an integer")
+
+
+def check_name(value: object, key: str) -> str:
+    """A room or user name given outside a frame (the server API), checked as in one."""
+    return _name({key: value}, key)
 
 
 def _name(obj: dict[str, Any], key: str) -> str:

@@ -194,6 +194,8 @@ class _Worker:
         elif command == b"undrain":
             state.draining = False
             state.drain_task = None
+        elif command.startswith(b"api") and state.api is not None:
+            state.api.on_control(command)
 
 
 async def _settle_accepted(runner: web.AppRunner, state: WorkerState, limit: float = 1.0) -> None:

@@ -14,7 +14,7 @@ mode="${1:-server}"
 declare -A packages=([redis-server]=redis-server [redis-cli]=redis-tools)
 if [ "$mode" = test ]; then
     packages+=([haproxy]=haproxy [nginx]=nginx [promtool]=prometheus [chromium]=chromium
-               [systemd-analyze]=systemd [ip]=iproute2 [jq]=jq [curl]=curl)
+               [systemd-analyze]=systemd [ip]=iproute2 [jq]=jq [curl]=curl [node]=nodejs)
 fi
 missing=()
 for program in "${!packages[@]}"; do
@@ -38,9 +38,10 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.rtc-installed
-if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ clients/python/pyproject.toml -nt "$stamp" ]; then
+    # rtc with its test tools, and the Python SDK (clients/python) that its tests drive.
     if ! { .venv/bin/python -m pip install -q --upgrade pip \
-            && .venv/bin/python -m pip install -q -e '.[dev]'; } >.venv/pip.log 2>&1; then
+            && .venv/bin/python -m pip install -q -e '.[dev]' -e ./clients/python; } >.venv/pip.log 2>&1; then
         tail -n 30 .venv/pip.log >&2
         echo "setup: pip install failed (whole log: .venv/pip.log)" >&2
         exit 1

@@ -314,3 +314,29 @@ def test_with_changes_returns_a_new_settings() -> None:
     assert (s.port, changed.port) == (8081, 9999)
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_api_keys_from_flag_env_and_file(tmp_path: Path) -> None:
+    assert settings().api_keys == ()
+    one = settings("--api-keys", "app:0123456789abcdef, old:fedcba9876543210")
+    assert one.api_keys == (("app", "0123456789abcdef"), ("old", "fedcba9876543210"))
+    env = {**BASE, "RTC_API_KEYS": "env:abcdefabcdefabcdef"}
+    assert settings(env=env).api_keys == (("env", "abcdefabcdefabcdef"),)
+    listed = tmp_path / "keys"
+    listed.write_text("# rotated monthly\nnew:0000111122223333\n\nold:4444555566667777\n")
+    both = settings("--api-keys", "cli:abcdefabcdefabcd", "--api-keys-file", str(listed))
+    assert [name for name, _ in both.api_keys] == ["cli", "new", "old"]
+    assert "0000111122223333" not in repr(both)
+
+
+def test_bad_api_keys_never_echo_the_key(tmp_path: Path) -> None:
+    message = config_error("--api-keys", "short:tiny-secret")
+    assert message.startswith("--api-keys:") and "tiny-secret" not in message
+    assert config_error("--api-keys", "no-name-here-0123456789").startswith("--api-keys:")
+    listed = tmp_path / "keys"
+    listed.write_text("weak:hunter2\n")
+    message = config_error("--api-keys-file", str(listed))
+    assert message.startswith("--api-keys-file:") and "hunter2" not in message
+    assert config_error("--api-keys-file", str(tmp_path / "missing")).startswith(
+        "--api-keys-file: cannot read"
+    )

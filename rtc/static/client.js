@@ -1,0 +1,1 @@
+../../clients/js/src/rtc-client.js
