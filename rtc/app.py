@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -67,13 +69,16 @@ class WorkerState:
 
 
 STATE = web.AppKey("state", WorkerState)
+SUPERVISOR_PID = web.AppKey("supervisor_pid", int)
 
 
 def build_app(state: WorkerState) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     app[STATE] = state
+    app[SUPERVISOR_PID] = os.getppid()  # built in the worker, which the supervisor forked
     app.router.add_get("/ws", websocket)
     app.router.add_get("/health", health)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_route("*", "/admin/drain", admin_drain)
     app.router.add_get("/admin/ring", admin_ring)
@@ -407,6 +412,28 @@ async def health(request: web.Request) -> web.Response:
         "in_ring": in_ring,
     }
     return web.json_response(body, status=200 if ok else 503, dumps=_dumps)
+
+
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: this worker's loop answers and its supervisor still runs, draining or not.
+
+    A dead worker is the supervisor's to replace; a worker whose supervisor is gone or
+    stopped (reparented, or in state T/Z) says 503 so Kubernetes restarts the pod.
+    """
+    state = request.app[STATE]
+    supervisor = request.app[SUPERVISOR_PID]
+    alive = os.getppid() == supervisor and _process_state(supervisor) not in ("T", "t", "Z", "")
+    body = {"status": "alive" if alive else "supervisor gone", "node": state.settings.node_id}
+    return web.json_response(body, status=200 if alive else 503, dumps=_dumps)
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, T, Z, ...); "" if it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rpartition(")")[2].split()[0]
 
 
 def wants_prometheus(request: web.Request) -> bool:

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from rtc import __version__
@@ -33,19 +34,41 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     check = commands.add_parser("check-config", help="validate the settings and exit 0 or 2")
     add_serve_arguments(check)
-    token = commands.add_parser("token", help="print a signed development token")
+    token = commands.add_parser(
+        "token",
+        help="print a signed token (HS256 with the service's secret)",
+        description="Print a JWT signed with the HMAC secret rtc verifies. On a host the secret "
+        "is root-only: run as root with --jwt-secret-file /etc/rtc/jwt-secret (the unit's "
+        "credential is not visible outside the service); JWT_SECRET or RTC_JWT_SECRET work too. "
+        "The other `rtc serve` settings are accepted and ignored, except --jwt-algorithms.",
+    )
     add_serve_arguments(token)
-    token.add_argument("--user", required=True)
-    token.add_argument("--rooms", nargs="*", metavar="PATTERN")
-    token.add_argument("--admin", action="store_true")
-    token.add_argument("--ttl", type=int, default=3600)
+    token.add_argument("--user", required=True, help="the subject (`sub` claim): who connects")
+    token.add_argument(
+        "--rooms",
+        nargs="*",
+        metavar="PATTERN",
+        help="rooms the token may join, as glob patterns (`news`, `team.*`); default: any room",
+    )
+    token.add_argument(
+        "--admin", action="store_true", help="add `admin: true`: the /admin API and the dashboard"
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     for name, text in (
         ("drain", "drain a host and wait, printing progress"),
         ("status", "print the host's JSON summary"),
     ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--url", default="http://127.0.0.1:8081")
-        sub.add_argument("--timeout", type=float, default=300.0)
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument(
+            "--url", default="http://127.0.0.1:8081", help="the host's own port (default %(default)s)"
+        )
+        sub.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+        sub.add_argument(
+            "--token-file",
+            metavar="FILE",
+            help="admin token (`rtc token --admin`) sent as a Bearer header: needed unless the "
+            "host is reached on its own loopback",
+        )
     return parser
 
 
@@ -64,9 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "token":
                 return _token(settings_from(args), args)
             case "drain":
-                return _drain(args.url, args.timeout)
+                return _drain(args.url, args.timeout, _admin_token(args.token_file))
             case "status":
-                print(json.dumps(_request("GET", args.url + "/metrics"), indent=2))
+                status = _request("GET", args.url + "/metrics", _admin_token(args.token_file))
+                print(json.dumps(status, indent=2))
                 return 0
     except ConfigError as exc:
         print(f"rtc: {exc}", file=sys.stderr)
@@ -89,7 +113,9 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     from rtc.auth import mint
 
     if not settings.jwt_secret:
-        raise ConfigError("rtc token signs with the HMAC secret: set JWT_SECRET")
+        raise ConfigError(
+            "rtc token needs the HMAC secret: --jwt-secret-file FILE (/etc/rtc/jwt-secret on a host)"
+        )
     print(
         mint(
             settings.jwt_secret,
@@ -104,20 +130,35 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _request(method: str, url: str) -> Any:
-    request = urllib.request.Request(url, method=method, headers={"Accept": "application/json"})
+def _admin_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--token-file: cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"--token-file: {path} is empty")
+    return token
+
+
+def _request(method: str, url: str, token: str | None) -> Any:
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
-def _drain(url: str, timeout: float) -> int:
+def _drain(url: str, timeout: float, token: str | None) -> int:
     """POST /admin/drain, then poll until the host reports the drain done."""
     url = url.rstrip("/")
-    started = _request("POST", url + "/admin/drain")
+    started = _request("POST", url + "/admin/drain", token)
     print(f"draining {started['draining']} connections on {url}", flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        report = _request("GET", url + "/admin/drain")
+        report = _request("GET", url + "/admin/drain", token)
         print(
             f"  active={report['active_connections']} migrated={report['migrated']} "
             f"failed={report['failed']}",

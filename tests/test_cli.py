@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -185,3 +186,22 @@ def test_serve_with_unreachable_redis_is_one_line_and_exit_2() -> None:
     assert result.returncode == 2
     line = assert_one_line_error(result)
     assert line.startswith("rtc: cannot reach Redis")
+
+
+def test_token_help_describes_its_options() -> None:
+    result = rtc("token", "--help")
+    assert result.returncode == 0, result
+    text = " ".join(result.stdout.split())
+    assert "--jwt-secret-file /etc/rtc/jwt-secret" in text
+    for option, words in (
+        ("--user USER", "subject"),
+        ("--rooms [PATTERN ...]", "glob patterns"),
+        ("--admin", "/admin API"),
+        ("--ttl TTL", "lifetime in seconds"),
+    ):
+        assert re.search(rf"{re.escape(option)} [^-]*{re.escape(words)}", text), option
+
+
+def test_missing_secret_names_the_file_option() -> None:
+    line = assert_one_line_error(rtc("token", "--user", "ops", "--admin"))
+    assert "--jwt-secret-file" in line

@@ -188,6 +188,7 @@ def test_sysctl_keys_exist_and_fit_the_unit(unit: dict[str, list[str]]) -> None:
     }
     assert required <= settings.keys()
     assert settings["net.ipv4.tcp_migrate_req"] == "1"
+    assert settings["vm.overcommit_memory"] == "1"  # Redis forks to save
     assert int(settings["fs.nr_open"]) >= int(unit["LimitNOFILE"][0])
     assert int(settings["net.core.somaxconn"]) >= 4096
     low, high = map(int, settings["net.ipv4.ip_local_port_range"].split())
