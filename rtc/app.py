@@ -22,6 +22,7 @@ from aiohttp import WSMsgType, web
 from rtc import hostmetrics, keys, metrics
 from rtc.api import ServerApi, add_api_routes
 from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_request
+from rtc.broker.base import Broker
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
@@ -36,8 +37,6 @@ from rtc.protocol import (
     Publish,
     Refresh,
     encode,
-    encode_error,
-    inbox,
     parse,
     request_id_of,
 )
@@ -57,6 +56,7 @@ class WorkerState:
 
     settings: Settings
     node: Node
+    broker: Broker
     verifier: Verifier
     worker: str
     slot_index: int
@@ -87,7 +87,7 @@ def build_app(state: WorkerState) -> web.Application:
     app.router.add_get("/dashboard/events", dashboard_events)
     app.router.add_get("/client.js", client_js)
     if state.settings.api_keys:
-        state.api = ServerApi(state.settings, state.node)
+        state.api = ServerApi(state.settings, state.node, state.broker)
         add_api_routes(app, state.api)
     if state.settings.demo_enabled:
         app.router.add_get("/demo", demo)
@@ -247,20 +247,8 @@ async def _open_session(
     state: WorkerState, conn: Connection, sid: str | None
 ) -> list[tuple[str, int, str]] | None:
     """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
-    node = state.node
-    await node.attach(conn)
-    rejoin: list[tuple[str, int, str]] | None = None
-    if sid:
-        saved = await node.broker.load_session(sid)
-        if saved.get("user") == conn.user:
-            conn.session = sid
-            rejoin = []
-            for name, value in saved.items():
-                if name.startswith("r:"):
-                    seq, _, epoch = value.partition(":")
-                    rejoin.append((name[2:], int(seq), epoch))
-            rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
-    await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+    await state.node.attach(conn)
+    rejoin = await state.node.sessions.open(conn, sid)
     conn.send(
         encode(
             "welcome",
@@ -304,7 +292,7 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
         if msg.type is WSMsgType.TEXT:
             await _handle(state, conn, msg.data)
         elif msg.type is WSMsgType.BINARY:
-            _send_error(conn, ErrorCode.BAD_REQUEST, "binary frames are not supported")
+            conn.send_error(ErrorCode.BAD_REQUEST, "binary frames are not supported")
         elif msg.type is WSMsgType.CLOSE:
             # Orderly close: checkpoint first, so the client may resume elsewhere at once.
             conn.closing = True
@@ -321,9 +309,7 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
 
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
     try:
-        await state.node.broker.save_sessions(
-            state.node.checkpoints(conns, final=True), state.settings.session_ttl
-        )
+        await state.node.save_final(conns)
     except Exception as exc:
         log.warning("final session checkpoint failed: %s", exc)
 
@@ -335,7 +321,7 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
         # Frames that waited in the kernel while this worker was stalled count too: the
         # server cannot tell them from a burst (docs/protocol.md). The id says which.
         metrics.RATE_LIMIT_DENIED.inc()
-        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down", request_id_of(data))
+        conn.send_error(ErrorCode.RATE_LIMITED, "slow down", request_id_of(data))
         if conn.abuse is None:
             conn.abuse = AbuseWindow()
         if conn.abuse.deny(now):
@@ -344,7 +330,7 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     try:
         command = parse(data)
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message, exc.request_id)
+        conn.send_error(exc.code, exc.message, exc.request_id)
         return
     await _run(state, conn, command)
 
@@ -369,10 +355,10 @@ async def _run(state: WorkerState, conn: Connection, command: object) -> None:
             case Ping():
                 conn.send(encode("pong", request_id))
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message, request_id)
+        conn.send_error(exc.code, exc.message, request_id)
     except Exception:
         log.exception("command failed", extra={"conn": conn.id})
-        _send_error(conn, ErrorCode.INTERNAL, "internal error", request_id)
+        conn.send_error(ErrorCode.INTERNAL, "internal error", request_id)
 
 
 async def _refresh(state: WorkerState, conn: Connection, token: str, request_id: object) -> None:
@@ -389,19 +375,13 @@ async def _refresh(state: WorkerState, conn: Connection, token: str, request_id:
     conn.send(encode("refreshed", request_id, exp=principal.exp))  # type: ignore[arg-type]
 
 
-def _send_error(conn: Connection, code: ErrorCode, message: str, request_id: Any = None) -> None:
-    metrics.ERROR_FRAMES.labels(code.value).inc()
-    metrics.ERRORS.inc()
-    conn.send(encode_error(code, message, request_id))
-
-
 # -- health and metrics ------------------------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     in_ring = state.node.in_ring and set(state.settings.local_slots) <= set(state.node.ring.slots)
-    redis_ok = await state.node.broker.ping()
+    redis_ok = await state.broker.ping()
     ok = in_ring and not state.draining
     status = "ok" if ok else ("draining" if state.draining else "starting")
     body = {
@@ -470,17 +450,17 @@ async def admin_drain(request: web.Request) -> web.Response:
     """POST starts a host drain, GET reports it, DELETE undoes it."""
     require_admin(request)
     state = request.app[STATE]
-    node = state.node
-    key = keys.drain(state.settings.node_id, node.instance)
+    broker = state.broker
+    key = keys.drain(state.settings.node_id, state.node.instance)
     control = keys.host_control(state.settings.node_id)
     if request.method == "POST":
         active = hostmetrics.snapshot()["active_connections"]  # before any is closed
-        await node.broker.set_fields(key, {"active": str(time.time())}, 86400)
-        await node.broker.publish_many([(control, b"drain")])
+        await broker.set_fields(key, {"active": str(time.time())}, 86400)
+        await broker.publish_many([(control, b"drain")])
         return web.json_response({"draining": active}, status=202, dumps=_dumps)
     if request.method == "DELETE":
-        await node.broker.delete(key)
-        await node.broker.publish_many([(control, b"undrain")])
+        await broker.delete(key)
+        await broker.publish_many([(control, b"undrain")])
         return web.json_response({"draining": False}, dumps=_dumps)
     if request.method == "GET":
         return web.json_response(await drain_report(state), dumps=_dumps)
@@ -489,7 +469,7 @@ async def admin_drain(request: web.Request) -> web.Response:
 
 async def drain_report(state: WorkerState) -> dict[str, Any]:
     """Progress of the host's drain, summed over the workers' reports."""
-    fields = await state.node.broker.get_fields(keys.drain(state.settings.node_id, state.node.instance))
+    fields = await state.broker.get_fields(keys.drain(state.settings.node_id, state.node.instance))
     reports = [orjson.loads(v) for k, v in fields.items() if k.startswith("w:")]
     done = bool(reports) and all(r["done"] for r in reports) and len(reports) >= state.settings.workers
     return {

@@ -26,7 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 from rtc import keys, metrics
 from rtc.app import WorkerState, build_app
 from rtc.auth import Verifier
-from rtc.broker import SlotTaken
+from rtc.broker import SlotTaken, make_broker
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import CloseCode
@@ -34,6 +34,7 @@ from rtc.hostcount import HostConnections
 from rtc.log import redact, setup_logging
 from rtc.node import Node
 from rtc.protocol import encode
+from rtc.routing.channels import Channels
 
 __all__ = ["EXIT_CONFIG", "WorkerSpec", "run_worker"]
 
@@ -113,7 +114,9 @@ class _Worker:
         metrics.REDIS_UP.labels(self.label).set(1)
         metrics.declare_label_values()
 
-        node = Node(self.settings, self.slot, self.spec.instance, self.label)
+        channels = Channels()
+        broker = make_broker(self.settings, channels, self.label)
+        node = Node(self.settings, self.slot, self.spec.instance, self.label, broker, channels)
         try:
             await node.start()
         except Exception as exc:  # a bad --redis-url, or Redis down: a setting to fix
@@ -122,6 +125,7 @@ class _Worker:
         state = WorkerState(
             self.settings,
             node,
+            broker,
             Verifier(self.settings, time.time),
             self.label,
             self.spec.index,
@@ -153,7 +157,7 @@ class _Worker:
             )
         node.spawn(node.maintain())
         node.spawn(node.checkpoint_forever())
-        drain = await node.broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
+        drain = await broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
         if "active" in drain:
             self._on_control(state, b"drain")
         os.write(self.spec.report_fd, b"ready\n")
@@ -249,7 +253,7 @@ async def drain_connections(state: WorkerState, *, report: bool = True, refuse_u
             )
             conn.closing = True  # nothing more is written: the checkpoint is exact
         with contextlib.suppress(Exception):
-            await node.broker.save_sessions(node.checkpoints(batch, final=True), settings.session_ttl)
+            await node.save_final(batch)
         results = await asyncio.gather(*(_close(conn) for conn in batch))
         migrated += sum(results)
         failed += len(results) - sum(results)
@@ -284,4 +288,4 @@ async def _report_drain(
         "seconds": round(time.monotonic() - started, 3),
     }
     with contextlib.suppress(Exception):
-        await state.node.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()}, 86400)
+        await state.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()}, 86400)
