@@ -109,6 +109,7 @@ class _Worker:
             metrics.PUBSUB_RECONNECTS,
             metrics.GAPS_FILLED,
             metrics.GAPS_REPORTED,
+            metrics.EPOCH_CHANGES,
         ):
             family.labels(self.label)
         metrics.REDIS_UP.labels(self.label).set(1)

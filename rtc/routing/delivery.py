@@ -202,8 +202,15 @@ class LocalRooms:
                 case h.Resync():
                     self._tasks.spawn(self._resync(effect))
                 case h.Restart(room=name, members=members, seq=seq, epoch=epoch):
+                    metrics.EPOCH_CHANGES.labels(self._worker).inc()
+                    log.warning(
+                        "history epoch of %s changed (Redis lost it): now %s, replaying its %d messages",
+                        name,
+                        epoch,
+                        seq,
+                    )
                     for conn in members:
-                        conn.checkpoint.start(name, seq)
+                        conn.checkpoint.start(name, 0)  # the new epoch's seqs follow from 1
                         conn.send(encode("joined", room=name, seq=seq, epoch=epoch, recovered=False))
                 case h.Gap(room=name, first=first, last=last):
                     metrics.GAPS_REPORTED.labels(self._worker).inc()

@@ -1,4 +1,9 @@
-"""PUBLISHes to other workers, queued in order and sent in one pipeline per loop turn."""
+"""PUBLISHes to other workers, queued in order and sent in one pipeline per loop turn.
+
+Each pipeline is bounded by a deadline: a stalled Redis fails it (what it carried is
+answered `unavailable` by the forwarder's own deadlines) instead of holding the queue
+for the length of the stall. A message no longer `wanted` when its turn comes is dropped.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 from rtc.broker.base import Publisher
+from rtc.routing.sequencer import Wanted
 from rtc.routing.tasks import Tasks
 
 __all__ = ["Outbox"]
@@ -17,15 +23,22 @@ log = logging.getLogger("rtc.outbox")
 class Outbox:
     """Order is kept per channel; `on_nobody` runs when no worker listened on the channel."""
 
-    def __init__(self, publisher: Publisher, tasks: Tasks) -> None:
+    def __init__(self, publisher: Publisher, tasks: Tasks, timeout: float) -> None:
         self._publisher = publisher
         self._tasks = tasks
-        self._queue: list[tuple[str, bytes]] = []
+        self._timeout = timeout
+        self._queue: list[tuple[str, bytes, Wanted | None]] = []
         self._nobody: dict[int, Callable[[], None]] = {}
         self._scheduled = False
 
-    def send(self, channel: str, payload: bytes, on_nobody: Callable[[], None] | None = None) -> None:
-        self._queue.append((channel, payload))
+    def send(
+        self,
+        channel: str,
+        payload: bytes,
+        on_nobody: Callable[[], None] | None = None,
+        wanted: Wanted | None = None,
+    ) -> None:
+        self._queue.append((channel, payload, wanted))
         if on_nobody is not None:
             self._nobody[len(self._queue) - 1] = on_nobody
         if not self._scheduled:
@@ -38,13 +51,16 @@ class Outbox:
             while self._queue:
                 batch, self._queue = self._queue, []
                 nobody, self._nobody = self._nobody, {}
+                kept = [i for i, (_, _, wanted) in enumerate(batch) if wanted is None or wanted()]
                 try:
-                    receivers = await self._publisher.publish_many(batch)
+                    async with asyncio.timeout(self._timeout):
+                        receivers = await self._publisher.publish_many([batch[i][:2] for i in kept])
                 except Exception as exc:
-                    log.warning("forwarding failed: %s", exc)
+                    log.warning("forwarding %d messages failed: %r", len(kept), exc)
                     continue  # the forwards expire into `unavailable`
-                for index, callback in nobody.items():
-                    if receivers[index] == 0:
+                for index, count in zip(kept, receivers, strict=True):
+                    callback = nobody.get(index)
+                    if callback is not None and count == 0:
                         callback()
         finally:
             self._scheduled = False
