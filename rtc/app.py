@@ -27,6 +27,7 @@ from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
 from rtc.hostcount import HostConnections
+from rtc.log import describe
 from rtc.node import Node
 from rtc.protocol import (
     Direct,
@@ -311,7 +312,7 @@ async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None
     try:
         await state.node.save_final(conns)
     except Exception as exc:
-        log.warning("final session checkpoint failed: %s", exc)
+        log.warning("final session checkpoint failed: %s", describe(exc))
 
 
 async def _handle(state: WorkerState, conn: Connection, data: str) -> None:

@@ -11,11 +11,20 @@ import orjson
 
 from rtc.config import Settings
 
-__all__ = ["redact", "setup_logging"]
+__all__ = ["describe", "redact", "setup_logging"]
 
 _TOKEN = re.compile(r"(token=)[^&\s\"]+", re.IGNORECASE)
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _EXTRA_FIELDS = ("conn", "user", "room")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a log line's reason: its type and its text, never an empty string.
+
+    `str()` of a timeout is empty and redis-py's `repr()` drops the message; ops need both.
+    """
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def redact(text: str) -> str:

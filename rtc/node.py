@@ -23,6 +23,7 @@ from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import ErrorCode, ProtocolError
 from rtc.hashring import Ring
+from rtc.log import describe
 from rtc.protocol import Direct, Join, Publish, RequestId, direct_halves, encode, inbox, message_halves
 from rtc.routing.channels import Channels, Listener
 from rtc.routing.delivery import LocalRooms
@@ -135,7 +136,7 @@ class Node:
                 if tick % REFRESH_EVERY == 0:
                     await self.presence.refresh(self.rooms.member_rooms())
             except Exception as exc:  # Redis failed or stalled: the next tick tries again
-                log.warning("maintenance failed: %r", exc)
+                log.warning("maintenance failed: %s", describe(exc))
 
     async def checkpoint_forever(self) -> None:
         await self.sessions.checkpoint_forever(lambda: self.connections)

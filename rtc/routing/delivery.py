@@ -18,6 +18,7 @@ from rtc import keys, metrics
 from rtc.broker.base import RoomLog, Subscriber
 from rtc.connection import Connection
 from rtc.errors import ErrorCode, ProtocolError
+from rtc.log import describe
 from rtc.protocol import encode
 from rtc.routing import hub as h
 from rtc.routing.channels import Channels, Listener
@@ -238,7 +239,7 @@ class LocalRooms:
         try:
             entries = await self._log.history(fill.room, fill.after, fill.upto)
         except Exception as exc:
-            log.warning("history read for %s failed: %s", fill.room, exc)
+            log.warning("history read for %s failed: %s", fill.room, describe(exc))
             self.apply(self.hub.fill_failed(fill.room))
             return
         self.apply(self.hub.filled(fill.room, entries))
@@ -249,7 +250,7 @@ class LocalRooms:
         try:
             seq, epoch = await self._log.open_room(resync.room, self._history_ttl)
         except Exception as exc:
-            log.warning("resync of %s failed: %s", resync.room, exc)
+            log.warning("resync of %s failed: %s", resync.room, describe(exc))
             self.apply(self.hub.resync_failed(resync.room))
             return
         self.apply(self.hub.resynced(resync.room, seq, epoch))

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from rtc.broker.base import Publisher
-from rtc.routing.sequencer import Wanted
+from rtc.log import describe
 from rtc.routing.tasks import Tasks
 
 __all__ = ["Outbox"]
@@ -27,7 +27,7 @@ class Outbox:
         self._publisher = publisher
         self._tasks = tasks
         self._timeout = timeout
-        self._queue: list[tuple[str, bytes, Wanted | None]] = []
+        self._queue: list[tuple[str, bytes, Callable[[], bool] | None]] = []
         self._nobody: dict[int, Callable[[], None]] = {}
         self._scheduled = False
 
@@ -36,7 +36,7 @@ class Outbox:
         channel: str,
         payload: bytes,
         on_nobody: Callable[[], None] | None = None,
-        wanted: Wanted | None = None,
+        wanted: Callable[[], bool] | None = None,
     ) -> None:
         self._queue.append((channel, payload, wanted))
         if on_nobody is not None:
@@ -56,7 +56,7 @@ class Outbox:
                     async with asyncio.timeout(self._timeout):
                         receivers = await self._publisher.publish_many([batch[i][:2] for i in kept])
                 except Exception as exc:
-                    log.warning("forwarding %d messages failed: %r", len(kept), exc)
+                    log.warning("forwarding %d messages failed: %s", len(kept), describe(exc))
                     continue  # the forwards expire into `unavailable`
                 for index, count in zip(kept, receivers, strict=True):
                     callback = nobody.get(index)

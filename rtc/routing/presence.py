@@ -8,6 +8,7 @@ import logging
 
 from rtc import metrics
 from rtc.broker.base import Membership
+from rtc.log import describe
 from rtc.protocol import encode
 from rtc.routing.tasks import Tasks
 
@@ -44,7 +45,7 @@ class Presence:
             if await self._membership.leave(room, self._slot, user):
                 self._schedule_leave(room, user)
         except Exception as exc:
-            log.warning("membership update for %s failed: %s", room, exc)
+            log.warning("membership update for %s failed: %s", room, describe(exc))
 
     async def members(self, room: str, limit: int) -> tuple[int, list[str]]:
         return await self._membership.members(room, limit)

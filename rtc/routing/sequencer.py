@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from rtc.broker.base import RoomLog, Sequenced, Unsequenced
+from rtc.log import describe
 from rtc.routing.tasks import Tasks
 
 __all__ = ["Reply", "Sequencer", "Stamp", "Wanted"]
@@ -77,13 +78,13 @@ class Sequencer:
                             self._history_ttl,
                         )
                 except Exception as exc:
-                    log.warning("sequencing %d rooms failed: %r", len(batches), exc)
+                    log.warning("sequencing %d rooms failed: %s", len(batches), describe(exc))
                     results = {}
                 for room, batch in batches.items():
                     result = results.get(room)
                     if not isinstance(result, Sequenced):
                         if result is not None:
-                            log.warning("sequencing %s failed: %r", room, result)
+                            log.warning("sequencing %s failed: %s", room, describe(result))
                         for _, reply, _ in batch:
                             reply(None)
                         continue
