@@ -66,6 +66,7 @@ class WorkerState:
     opening: int = 0  # upgrades accepted whose `welcome` is not sent yet
     open_count: int = 0
     drain_task: asyncio.Task[None] | None = None
+    drain_generation: int = 0  # bumped by every drain and undrain: an older drain stops
     api: ServerApi | None = None  # with --api-keys: answers the cluster's server API questions
 
 

@@ -9,6 +9,7 @@ __all__ = [
     "CloseCode",
     "ConfigError",
     "ErrorCode",
+    "ExitStatus",
     "ProtocolError",
 ]
 
@@ -35,6 +36,16 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN = 1013  # slow consumer: send queue over --send-queue-bytes
     TOKEN_EXPIRED = 4001  # token expired without a refresh
     DISCONNECTED = 4003  # closed by the server API (`/api/disconnect`): SDKs do not reconnect
+
+
+class ExitStatus(enum.IntEnum):
+    """Exit statuses of `rtc` (docs/operations.md): systemd and scripts branch on them."""
+
+    OK = 0
+    FAILURE = 1  # `rtc drain`/`status` could not reach the host, or the drain did not finish
+    CONFIG = 2  # a bad setting: one line on stderr
+    BOOT_FAILED = 3  # a worker could not start on the first boot
+    STOP_OVERRAN = 4  # workers did not stop within --shutdown-timeout and were killed
 
 
 class ProtocolError(Exception):

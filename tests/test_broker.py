@@ -128,12 +128,17 @@ async def test_members_presence_and_dead_slots(
     assert announced == [b'0 0 {"p":"alice"}', b'0 0 {"p":"bob"}']  # alice announced once
     assert await b.members("m", 1000) == (2, ["alice", "bob"])
     assert await b.members("m", 1) == (2, ["alice"])
-    assert await b.leave("m", "h:0", "alice") is True
-    assert await b.presence_gone("m", "alice", b"gone", 100) is False  # still on h:1
+    assert await b.leave("m", "h:0", "alice", 0, 15) is True
+    assert await b.sweep("m", (b"<", b">"), 100) == []  # still on h:1
+    await b.join("m", "h:0", "carol", b'{"p":"carol"}', 100, 15)
+    assert await b.leave("m", "h:0", "carol", 60_000, 15) is True
     fresh_redis.cli("DEL", keys.members("m", "h:1"))  # h:1 died: its key expired
-    assert await b.presence_gone("m", "alice", b"gone", 100) is True
+    assert sorted(await b.sweep("m", (b"<", b">"), 100)) == ["alice", "bob"]  # carol: not due
+    announced = {(await asyncio.wait_for(recorder.messages.get(), 5))[1] for _ in range(3)}
+    assert announced == {b'0 0 {"p":"carol"}', b'0 0 <"alice">', b'0 0 <"bob">'}
     assert await b.members("m", 1000) == (0, [])
     assert fresh_redis.cli("SMEMBERS", keys.member_slots("m")).split() == []  # dead slots pruned
+    assert fresh_redis.cli("HKEYS", keys.presence("m")).split() == ["carol"]
 
 
 async def test_ring_heartbeats_and_duplicate_slot(broker: tuple[RedisBroker, Recorder]) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from rtc import metrics
 from rtc.broker.base import Membership
 from rtc.log import describe
-from rtc.protocol import encode
+from rtc.protocol import encode, presence_halves
 from rtc.routing.tasks import Tasks
 
 __all__ = ["MEMBERSHIP_TTL", "PRESENCE_LEAVE_DELAY", "Presence"]
@@ -18,10 +17,18 @@ log = logging.getLogger("rtc.presence")
 
 PRESENCE_LEAVE_DELAY = 5.0  # SPEC: a leave is announced 5 s after the last connection left
 MEMBERSHIP_TTL = 15  # a slot's membership keys expire this long after its last refresh
+_SWEEP_LAG = 0.05  # the leave's due time is Redis's clock: sweep a little after it
 
 
 class Presence:
-    """Counts this slot's connections per room and user; announces joins and leaves."""
+    """Counts this slot's connections per room and user; announces joins and leaves.
+
+    A leave is pending in Redis from the moment a user's last connection on this slot
+    left, due `PRESENCE_LEAVE_DELAY` later. This worker sweeps the room when it is due;
+    every worker also sweeps the rooms it has members in at each membership refresh, which
+    announces the pending leaves of workers that stopped meanwhile and the users of
+    workers that died (their membership expired). So every `join` gets its `leave`.
+    """
 
     def __init__(
         self, membership: Membership, tasks: Tasks, slot: str, presence_max: int, worker: str
@@ -40,10 +47,12 @@ class Presence:
         await self._membership.join(room, self._slot, user, frame, self._max, MEMBERSHIP_TTL)
 
     async def leave(self, room: str, user: str) -> None:
-        """A connection of `user` left; when it was the slot's last, a leave follows later."""
+        """A connection of `user` left; when it was the slot's last, its leave is pending."""
         try:
-            if await self._membership.leave(room, self._slot, user):
-                self._schedule_leave(room, user)
+            if await self._membership.leave(
+                room, self._slot, user, int(PRESENCE_LEAVE_DELAY * 1000), MEMBERSHIP_TTL
+            ):
+                self._sweep_later(room)
         except Exception as exc:
             log.warning("membership update for %s failed: %s", room, describe(exc))
 
@@ -51,24 +60,25 @@ class Presence:
         return await self._membership.members(room, limit)
 
     async def refresh(self, rooms: list[str]) -> None:
-        """Keep this slot's membership alive; a dead worker's expires on its own."""
+        """Keep this slot's membership alive and announce the rooms' due leaves."""
         await self._membership.refresh_members(self._slot, rooms, MEMBERSHIP_TTL)
+        await asyncio.gather(*(self._sweep(room) for room in rooms))
 
-    def _schedule_leave(self, room: str, user: str) -> None:
-        """Announce the leave later, so a drain or a resume does not flap presence."""
-
+    def _sweep_later(self, room: str) -> None:
         def due() -> None:
             self._timers.discard(timer)
-            self._tasks.spawn(self._announce_leave(room, user))
+            self._tasks.spawn(self._sweep(room))
 
-        timer = asyncio.get_running_loop().call_later(PRESENCE_LEAVE_DELAY, due)
+        timer = asyncio.get_running_loop().call_later(PRESENCE_LEAVE_DELAY + _SWEEP_LAG, due)
         self._timers.add(timer)
 
-    async def _announce_leave(self, room: str, user: str) -> None:
-        frame = encode("presence", room=room, user=user, event="leave")
-        with contextlib.suppress(Exception):
-            await self._membership.presence_gone(room, user, frame, self._max)
+    async def _sweep(self, room: str) -> None:
+        try:
+            await self._membership.sweep(room, presence_halves(room, "leave"), self._max)
+        except Exception as exc:
+            log.warning("presence sweep of %s failed: %s", room, exc)
 
     def close(self) -> None:
-        for timer in self._timers:  # their users are migrating: no leave to announce
+        """Pending leaves stay in Redis: the workers still in those rooms announce them."""
+        for timer in self._timers:
             timer.cancel()

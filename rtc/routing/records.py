@@ -9,8 +9,8 @@ Two formats travel on two kinds of channel:
   `P\\n<origin>\\n<rid>\\n<dedup>\\n<key>\\n<ts>\\n<head>\\n<tail>`, and its answer,
   `A\\n<rid>\\n<seq>\\n<epoch>` (sequenced) or `E\\n<rid>` (failed); an answer without the
   epoch (from a worker of an older version, during a rolling upgrade) reads as epoch "".
-  Slot ids, request ids, dedup tokens, epochs and room names never hold a newline; the
-  frame halves come last, so only they may hold one.
+  Slot ids, request ids, dedup tokens, epochs and room names never hold a newline, nor does
+  the head (compact JSON up to the seq); the tail comes last, so it may.
 """
 
 from __future__ import annotations
