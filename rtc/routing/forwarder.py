@@ -10,7 +10,8 @@ Redis does (SPEC 4). The deadline runs from `route`, for a publish in flight or 
 waiting in its lane alike; `expire` is driven by its own timer, never by a heartbeat
 that waits on Redis. A publish answered `unavailable` that has not left this worker yet
 is dropped (its retry, same id, is the one to sequence); one that left may still be
-sequenced: `unavailable` is indeterminate.
+sequenced: `unavailable` is indeterminate. A forward whose PUBLISH failed is answered
+`unavailable` at once, so its lane moves on as soon as Redis is back.
 
 Order: the publishes of one connection to one key form a lane. While publishes of a
 lane are in flight to one owner, later ones go to the same owner without waiting
@@ -120,6 +121,7 @@ class Forwarder:
             keys.slot_inbox(target),
             encode_forward(record),
             on_nobody=lambda: self._unforward(rid),
+            on_failed=lambda: self._resolve(lane_id, entry, None),
             wanted=wanted,
         )
 

@@ -1,8 +1,9 @@
 """PUBLISHes to other workers, queued in order and sent in one pipeline per loop turn.
 
-Each pipeline is bounded by a deadline: a stalled Redis fails it (what it carried is
-answered `unavailable` by the forwarder's own deadlines) instead of holding the queue
-for the length of the stall. A message no longer `wanted` when its turn comes is dropped.
+Each pipeline is bounded by a deadline, so a stalled Redis fails it instead of holding
+the queue for the length of the stall. A message no longer `wanted` when its turn comes
+is dropped; one whose pipeline failed is reported (`on_failed`) at once, so its sender
+can answer `unavailable` now rather than at its deadline.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 from rtc.broker.base import Publisher
 from rtc.log import describe
@@ -20,6 +22,14 @@ __all__ = ["Outbox"]
 log = logging.getLogger("rtc.outbox")
 
 
+class _Message(NamedTuple):
+    channel: str
+    payload: bytes
+    on_nobody: Callable[[], None] | None
+    on_failed: Callable[[], None] | None
+    wanted: Callable[[], bool] | None
+
+
 class Outbox:
     """Order is kept per channel; `on_nobody` runs when no worker listened on the channel."""
 
@@ -27,8 +37,7 @@ class Outbox:
         self._publisher = publisher
         self._tasks = tasks
         self._timeout = timeout
-        self._queue: list[tuple[str, bytes, Callable[[], bool] | None]] = []
-        self._nobody: dict[int, Callable[[], None]] = {}
+        self._queue: list[_Message] = []
         self._scheduled = False
 
     def send(
@@ -36,11 +45,10 @@ class Outbox:
         channel: str,
         payload: bytes,
         on_nobody: Callable[[], None] | None = None,
+        on_failed: Callable[[], None] | None = None,
         wanted: Callable[[], bool] | None = None,
     ) -> None:
-        self._queue.append((channel, payload, wanted))
-        if on_nobody is not None:
-            self._nobody[len(self._queue) - 1] = on_nobody
+        self._queue.append(_Message(channel, payload, on_nobody, on_failed, wanted))
         if not self._scheduled:
             self._scheduled = True
             self._tasks.spawn(self._flush(), flush=True)
@@ -50,17 +58,20 @@ class Outbox:
             await asyncio.sleep(0)  # let this loop turn's messages join the pipeline
             while self._queue:
                 batch, self._queue = self._queue, []
-                nobody, self._nobody = self._nobody, {}
-                kept = [i for i, (_, _, wanted) in enumerate(batch) if wanted is None or wanted()]
+                batch = [m for m in batch if m.wanted is None or m.wanted()]
                 try:
                     async with asyncio.timeout(self._timeout):
-                        receivers = await self._publisher.publish_many([batch[i][:2] for i in kept])
+                        receivers = await self._publisher.publish_many(
+                            [(m.channel, m.payload) for m in batch]
+                        )
                 except Exception as exc:
-                    log.warning("forwarding %d messages failed: %s", len(kept), describe(exc))
-                    continue  # the forwards expire into `unavailable`
-                for index, count in zip(kept, receivers, strict=True):
-                    callback = nobody.get(index)
-                    if callback is not None and count == 0:
-                        callback()
+                    log.warning("forwarding %d messages failed: %s", len(batch), describe(exc))
+                    for message in batch:
+                        if message.on_failed is not None:
+                            message.on_failed()
+                    continue
+                for message, count in zip(batch, receivers, strict=True):
+                    if message.on_nobody is not None and count == 0:
+                        message.on_nobody()
         finally:
             self._scheduled = False
