@@ -249,8 +249,8 @@ async def _open_session(
     state: WorkerState, conn: Connection, sid: str | None
 ) -> list[tuple[str, int, str]] | None:
     """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
-    await state.node.attach(conn)
-    rejoin = await state.node.sessions.open(conn, sid)
+    # Concurrent calls share a Redis round trip (the broker pipelines them).
+    rejoin, _ = await asyncio.gather(state.node.sessions.open(conn, sid), state.node.attach(conn))
     conn.send(
         encode(
             "welcome",
@@ -426,7 +426,8 @@ def wants_prometheus(request: web.Request) -> bool:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     if wants_prometheus(request):
-        return web.Response(body=hostmetrics.prometheus_text(), content_type="text/plain", charset="utf-8")
+        body, content_type = hostmetrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
     state = request.app[STATE]
     return web.json_response(
         {**hostmetrics.snapshot(), "node": state.settings.node_id, "draining": state.draining}, dumps=_dumps

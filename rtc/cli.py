@@ -48,21 +48,23 @@ def _parser() -> argparse.ArgumentParser:
         "--rooms",
         nargs="*",
         metavar="PATTERN",
-        help="rooms the token may join, as glob patterns (`news`, `team.*`); default: any room",
+        help="rooms the token may join, as glob patterns (`news`, `team.*`); default: no claim, any room",
     )
     token.add_argument(
         "--admin", action="store_true", help="add `admin: true`: the /admin API and the dashboard"
     )
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
-    for name, text in (
-        ("drain", "drain a host and wait, printing progress"),
-        ("status", "print the host's JSON summary"),
+    for name, text, timeout, wait in (
+        ("drain", "drain a host and wait, printing progress", 300.0, "for the drain to finish"),
+        ("status", "print the host's JSON summary (GET /metrics)", 10.0, "for the answer"),
     ):
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument(
             "--url", default="http://127.0.0.1:8081", help="the host's own port (default %(default)s)"
         )
-        sub.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+        sub.add_argument(
+            "--timeout", type=float, default=timeout, help=f"seconds to wait {wait} (default %(default)s)"
+        )
         sub.add_argument(
             "--token-file",
             metavar="FILE",
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "drain":
                 return _drain(args.url, args.timeout, _admin_token(args.token_file))
             case "status":
-                status = _request("GET", args.url + "/metrics", _admin_token(args.token_file))
+                status = _request("GET", args.url + "/metrics", _admin_token(args.token_file), args.timeout)
                 print(json.dumps(status, indent=2))
                 return 0
     except ConfigError as exc:
@@ -142,12 +144,12 @@ def _admin_token(path: str | None) -> str | None:
     return token
 
 
-def _request(method: str, url: str, token: str | None) -> Any:
+def _request(method: str, url: str, token: str | None, timeout: float = 10) -> Any:
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, method=method, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 

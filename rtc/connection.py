@@ -20,7 +20,7 @@ from rtc import metrics
 from rtc.errors import CloseCode, ErrorCode
 from rtc.protocol import RequestId, encode_error, wire_text
 from rtc.ratelimit import AbuseWindow, TokenBucket
-from rtc.routing.checkpoint import Checkpoint
+from rtc.routing.checkpoint import Checkpoint, Marks
 
 if TYPE_CHECKING:
     from rtc.auth import Principal
@@ -97,16 +97,16 @@ class Connection:
         """Write an already framed message; close the consumer if it cannot keep up."""
         self._write(wire)
 
-    def deliver(self, room: str, wire: bytes, seq: int) -> None:
-        """Room frames that bring `room` up to `seq`: written, and marked for the checkpoint."""
+    def deliver(self, room: str, wire: bytes, marks: Marks) -> None:
+        """Room frames (ending at `marks`): written, and marked for the session checkpoint."""
         buffered = self._write(wire)
         if buffered is not None:
-            self.checkpoint.reached(room, seq, buffered)
+            self.checkpoint.reached(room, marks, buffered)
 
     def reached(self, room: str, seq: int) -> None:
         """What was written so far brings `room` up to `seq` (a replay was sent)."""
         if not self.closing:
-            self.checkpoint.reached(room, seq, self.transport.get_write_buffer_size())
+            self.checkpoint.reached(room, ((0, seq),), self.transport.get_write_buffer_size())
 
     def _write(self, wire: bytes) -> int | None:
         """The bytes still buffered after writing `wire`; None when nothing was written."""

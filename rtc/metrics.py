@@ -87,7 +87,7 @@ GAPS_REPORTED = Counter("rtc_gaps_reported", "Seq holes reported to clients as `
 EPOCH_CHANGES = Counter(
     "rtc_epoch_changes", "Rooms whose history epoch changed under their members (Redis lost data)", _WORKER
 )
-DRAINS = Counter("rtc_drains", "Drains started (per worker)")
+DRAINS = Counter("rtc_drains", "Drains a worker went through (a host drain counts once per worker)", _WORKER)
 MIGRATED = Counter("rtc_migrated_connections", "Connections closed by a drain", ("result",))
 SLOW_CONSUMERS = Counter("rtc_slow_consumer_disconnects", "Connections closed 1013", _WORKER)
 HANDSHAKE_REJECTED = Counter("rtc_handshake_rejected", "Upgrades refused", ("reason",))

@@ -116,7 +116,9 @@ class Supervisor:
             redis_url=self.settings.redis_url or (self._redis.url if self._redis else None),
         )
         if self.settings.metrics_port:
-            self._metrics = MetricsPort(self._bind_metrics(), self._selector, _metrics_text, time.monotonic)
+            self._metrics = MetricsPort(
+                self._bind_metrics(), self._selector, _metrics_exposition, time.monotonic
+            )
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -402,10 +404,10 @@ class Supervisor:
             shutil.rmtree(self._runtime, ignore_errors=True)
 
 
-def _metrics_text() -> bytes:
+def _metrics_exposition(accept: str) -> tuple[bytes, str]:
     from rtc import hostmetrics  # imports prometheus_client: only once its directory is set
 
-    return hostmetrics.prometheus_text()
+    return hostmetrics.exposition(accept)
 
 
 def _family(host: str) -> socket.AddressFamily:

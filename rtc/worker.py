@@ -114,6 +114,7 @@ class _Worker:
             metrics.GAPS_FILLED,
             metrics.GAPS_REPORTED,
             metrics.EPOCH_CHANGES,
+            metrics.DRAINS,
         ):
             family.labels(self.label)
         metrics.REDIS_UP.labels(self.label).set(1)
@@ -179,7 +180,8 @@ class _Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(1.0, self.settings.shutdown_timeout - 2.0)):
                 await drain_connections(state, host=False)
-        await node.leave_ring()
+        if joined:  # a replacement stopped before it joined holds nothing: the slot is not its to drop
+            await node.leave_ring()
         await runner.cleanup()
         await node.close()
         return 0
@@ -256,7 +258,7 @@ async def drain_connections(state: WorkerState, *, host: bool) -> None:
     settings = state.settings
     node = state.node
     generation = state.drain_generation
-    metrics.DRAINS.inc()
+    metrics.DRAINS.labels(state.worker).inc()
     started = time.monotonic()
     migrated = failed = 0
     key = keys.drain(settings.node_id, node.instance)

@@ -173,6 +173,27 @@ def test_the_clock_is_the_injected_one() -> None:
         Verifier(SETTINGS, lambda: NOW + 10 + LEEWAY_SECONDS + 1).verify(token)
 
 
+def test_a_token_verified_before_is_still_checked_against_the_clock() -> None:
+    """Signatures are remembered (a resume storm reuses tokens); expiry never is."""
+    now = [NOW]
+    check = Verifier(SETTINGS, lambda: now[0])
+    token = hs256(exp=int(NOW) + 10, nbf=int(NOW) + 5 + LEEWAY_SECONDS)
+    assert "nbf" in str(rejected(check, token))  # not yet valid: refused, though remembered
+    now[0] = NOW + 5
+    assert check.verify(token).user == "alice"
+    assert check.verify(token).user == "alice"
+    now[0] = NOW + 10 + LEEWAY_SECONDS + 1
+    assert "expired" in str(rejected(check, token))
+
+
+def test_a_bad_signature_is_refused_every_time() -> None:
+    check = verifier()
+    forged = jwt.encode(claims(), "another-secret-" + "0" * 40, algorithm="HS256")
+    for _ in range(2):
+        rejected(check, forged)
+    assert check.verify(hs256()).user == "alice"
+
+
 @pytest.mark.parametrize("claim", ["nbf", "iat"])
 def test_not_yet_valid_beyond_leeway(claim: str) -> None:
     error = rejected(verifier(), hs256(**{claim: int(NOW) + LEEWAY_SECONDS + 1}))

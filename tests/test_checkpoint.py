@@ -6,8 +6,9 @@ from rtc.routing.checkpoint import MARKS_MAX, Checkpoint
 
 
 def write(cp: Checkpoint, room: str, seq: int, size: int, buffered: int) -> None:
+    """One frame of `size` bytes, bringing `room` to `seq`, written."""
     cp.written += size
-    cp.reached(room, seq, buffered)
+    cp.reached(room, ((size, seq),), buffered)
 
 
 def test_a_drained_buffer_claims_the_last_write_one_checkpoint_later() -> None:
@@ -34,6 +35,17 @@ def test_a_busy_buffer_claims_up_to_the_last_frame_boundary_that_left_it() -> No
     assert cp.changes(99) == {"r": 2}  # never empty, still checkpointed
 
 
+def test_one_write_of_many_frames_counts_frame_by_frame() -> None:
+    cp = Checkpoint()
+    cp.start("r", 0)
+    cp.written += 300
+    cp.reached("r", ((100, 1), (200, 2), (300, 3)), buffered=300)
+    cp.settle(150)  # 150 bytes left: the first frame
+    assert cp.delivered["r"] == 1
+    cp.settle(100)
+    assert cp.delivered["r"] == 2
+
+
 def test_an_orderly_close_claims_everything_written() -> None:
     cp = Checkpoint()
     cp.start("r", 0)
@@ -45,10 +57,14 @@ def test_an_orderly_close_claims_everything_written() -> None:
 def test_marks_are_bounded_and_lag_rather_than_lead() -> None:
     cp = Checkpoint()
     cp.start("r", 0)
-    for seq in range(1, MARKS_MAX + 50):
+    last = 3 * MARKS_MAX
+    for seq in range(1, last + 1):
         write(cp, "r", seq, 10, buffered=10 * seq)  # nothing ever leaves
-    cp.settle(0)
-    assert cp.delivered["r"] == MARKS_MAX
+        assert len(cp._marks) <= MARKS_MAX
+    for left in range(1, last + 1):  # now it drains, frame by frame
+        cp.settle(10 * (last - left))
+        assert cp.delivered["r"] <= left
+    assert cp.delivered["r"] == last
 
 
 def test_leaving_and_rejoining_forget_the_old_marks() -> None:
@@ -56,6 +72,7 @@ def test_leaving_and_rejoining_forget_the_old_marks() -> None:
     cp.start("r", 0)
     write(cp, "r", 4, 100, buffered=100)
     write(cp, "s", 9, 100, buffered=200)  # a room not started: not claimed
+    write(cp, "s", 10, 100, buffered=0)
     cp.forget("r")
     cp.settle(0)
     assert cp.delivered == {}

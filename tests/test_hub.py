@@ -132,6 +132,9 @@ def test_in_order_records_are_written_once_per_turn() -> None:
     write = hub.flush(ROOM)
     assert write is not None and set(write.members) == {alice, bob} and write.cursor == 3
     assert [f["seq"] for f in frames_of(write.data)] == [1, 2, 3]
+    ends = [end for end, _ in write.marks]
+    assert [seq for _, seq in write.marks] == [1, 2, 3] and ends[-1] == len(write.data)
+    assert [frames_of(write.data[:end])[-1]["seq"] for end in ends] == [1, 2, 3]  # frame boundaries
     assert hub.flush(ROOM) is None
 
 
@@ -271,9 +274,12 @@ def test_a_joiner_gets_nothing_up_to_its_cursor_and_everything_after() -> None:
     assert [f["seq"] for f in got[alice]] == [1] and bob not in got
     turn = hub.flush(ROOM)
     assert turn is not None and set(turn.members) == {alice}
-    (release,) = hub.release(ROOM, bob)
-    assert isinstance(release, h.Write) and release.members == (bob,) and release.cursor == 2
-    assert [f["seq"] for f in frames_of(release.data)] == [2]
+    hub.receive(ROOM, payload(3))
+    (turn_write, release) = hub.release(ROOM, bob)
+    assert set(turn_write.members) == {alice}
+    assert isinstance(release, h.Write) and release.members == (bob,) and release.cursor == 3
+    assert [f["seq"] for f in frames_of(release.data)] == [2, 3]
+    assert [frames_of(release.data[:end])[-1]["seq"] for end, _ in release.marks] == [2, 3]
     assert not hub.holding(ROOM, bob)
     assert hub.drop(ROOM, bob) and not hub.drop(ROOM, bob)
 

@@ -105,7 +105,7 @@ def test_roll_finishes_when_a_replacement_dies_before_listening(
 def test_hung_worker_is_killed_and_replaced(redis_server: RedisServer) -> None:
     """A worker whose loop stops (SIGSTOP) is SIGKILLed after --worker-timeout and its
     slot is served by a replacement that takes it back in the ring."""
-    with hosts(("hung", redis_server.url), env={"RTC_WORKER_TIMEOUT": "2"}) as (host,):
+    with hosts(("hung", redis_server.url), env={"RTC_WORKER_TIMEOUT": "3"}) as (host,):
         victim, survivor = host.worker_pids()
         slots = ring_view(host)
         assert slots == ["hung:0", "hung:1"]
@@ -117,7 +117,7 @@ def test_hung_worker_is_killed_and_replaced(redis_server: RedisServer) -> None:
         assert survivor in host.worker_pids()
         wait_for(lambda: all(ring_view(host) == slots for _ in range(4)), 10, "the slot back in the ring")
         assert "did not report alive" in host.log()
-        print(f"\nhung worker killed {killed_after:.1f}s after SIGSTOP (--worker-timeout 2)")
+        print(f"\nhung worker killed {killed_after:.1f}s after SIGSTOP (--worker-timeout 3)")
 
 
 def test_overrun_stop_exits_non_zero(redis_server: RedisServer) -> None:

@@ -38,6 +38,7 @@ from bench.loadgen.commands import (
     Open,
     OpenReply,
     PingReply,
+    PingSample,
     PingStart,
     PingStarted,
     PingStop,
@@ -225,6 +226,8 @@ class Worker:
                 return await self._churn(command)
             case PingStart():
                 return await self._ping_start(command)
+            case PingSample():
+                return self._ping_sample()
             case PingStop():
                 return await self._ping_stop()
             case CloseAll():
@@ -369,6 +372,12 @@ class Worker:
                 probe.send(self.proto.ping(now))
             tick += interval
             await asyncio.sleep(max(tick - loop.time(), 0.0))
+
+    def _ping_sample(self) -> PingReply:
+        reply = PingReply([p.pongs or Histogram() for p in self._probes])
+        for probe in self._probes:
+            probe.pongs = Histogram()
+        return reply
 
     async def _ping_stop(self) -> PingReply:
         if self._pinger is not None:

@@ -8,8 +8,9 @@ the buffer are `written - buffered`, so every mark at or below that offset is de
 as far as the server can know. A busy socket whose buffer never empties is therefore
 still checkpointed, up to the last frame boundary that left it.
 
-Marks are kept for a bounded number of writes: when a socket does not drain for that
-long, later writes go unmarked and the checkpoint lags behind (it never runs ahead).
+Marks are kept per frame, at most `MARKS_MAX` per connection: past that every other one
+is dropped, so a socket that does not drain for long is checkpointed more coarsely (it
+lags behind, never ahead).
 
 A periodic checkpoint claims what had left the buffer one checkpoint earlier: bytes that
 just left it may still sit in the kernel's buffers, and a worker that is killed with
@@ -20,10 +21,12 @@ to a second of messages, not to skip them.
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 
-__all__ = ["MARKS_MAX", "Checkpoint"]
+__all__ = ["MARKS_MAX", "Checkpoint", "Marks"]
 
-MARKS_MAX = 256
+MARKS_MAX = 512
+Marks = tuple[tuple[int, int], ...]  # per frame of a write: (where it ends in it, seq once out)
 
 
 class Checkpoint:
@@ -49,16 +52,20 @@ class Checkpoint:
         self._ripe.pop(room, None)
         self._saved.pop(room, None)
 
-    def reached(self, room: str, seq: int, buffered: int) -> None:
-        """The bytes written so far bring `room` up to `seq`; `buffered` of them wait."""
-        if buffered == 0:
+    def reached(self, room: str, marks: Marks, buffered: int) -> None:
+        """A write just made (its frames end at `marks`, relative to its start) for `room`;
+        `buffered` bytes of everything written still wait in the transport's buffer."""
+        if buffered == 0:  # the common case: it all left at once
             self.settle(0)
             if room in self.delivered:
-                self.delivered[room] = seq
-        else:
-            self.settle(buffered)
-            if len(self._marks) < MARKS_MAX:
-                self._marks.append((self.written, room, seq))
+                self.delivered[room] = marks[-1][1]
+            return
+        self.settle(buffered)
+        start = self.written - marks[-1][0]
+        for end, seq in marks:
+            if len(self._marks) >= MARKS_MAX:  # keep every other one: coarser, never ahead
+                self._marks = deque(islice(self._marks, 1, None, 2))
+            self._marks.append((start + end, room, seq))
 
     def settle(self, buffered: int) -> None:
         """Count every mark whose bytes left the buffer (`buffered` bytes still wait)."""

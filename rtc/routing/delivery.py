@@ -227,9 +227,9 @@ class LocalRooms:
 
     @staticmethod
     def _write(write: h.Write[Connection]) -> None:
-        name, data, cursor = write.room, write.data, write.cursor
+        name, data, marks = write.room, write.data, write.marks
         for conn in write.members:
-            conn.deliver(name, data, cursor)
+            conn.deliver(name, data, marks)
 
     async def _fill(self, fill: h.Fill) -> None:
         if fill.delay:

@@ -12,7 +12,9 @@ caller feeds it what arrived (`receive`), what it fetched (`opened`, `filled`,
 - `Flush`: frames were queued for the room; call `flush` at the end of the loop turn,
   which returns the `Write` (one write per member per turn: the fan-out's cost is its
   send syscalls).
-- `Write`: write `data` to each of `members`; it brings them up to seq `cursor`.
+- `Write`: write `data` to each of `members`. Its `marks` say where each frame ends in
+  `data` and the seq it brings the room to, so a session checkpoint can count every frame
+  that left a socket's buffer (`rtc.routing.checkpoint`).
 - `Fill`: read history (after, upto] (after `delay` seconds) and call `filled`, or
   `fill_failed` when the read failed.
 - `Resync`: read the room's seq and epoch (after `delay`) and call `resynced`, or
@@ -33,11 +35,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Generic, Protocol, TypeVar
 
 import orjson
 
 from rtc.protocol import encode, wire_text
+from rtc.routing.checkpoint import Marks
 from rtc.routing.records import Record, decode_records
 
 __all__ = [
@@ -88,7 +92,12 @@ class Write(Generic[M]):
     room: str
     members: Collection[M]
     data: bytes
-    cursor: int
+    marks: Marks
+
+    @property
+    def cursor(self) -> int:
+        """The seq the room is at once all of `data` is out."""
+        return self.marks[-1][1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +151,14 @@ class Room(Generic[M]):
 
     name: str
     members: set[M] = field(default_factory=set)
-    held: dict[M, list[bytes]] = field(default_factory=dict)  # replaying: live frames wait
+    held: dict[M, list[tuple[bytes, Marks]]] = field(default_factory=dict)  # replaying: frames wait
     cursor: int = 0
     epoch: str = ""
     phase: Phase = Phase.OPENING
     backlog: list[Record] = field(default_factory=list)
     known: int = 0  # highest seq seen, also of records the full backlog turned away
     outgoing: list[bytes] = field(default_factory=list)
+    outgoing_seqs: list[int] = field(default_factory=list)  # the seq after each outgoing frame
     fill_upto: int = 0
     attempts: int = 0  # failed reads of the outstanding fill or resync
     resync_due: bool = False  # pub/sub came back while filling: resync afterwards
@@ -202,7 +212,7 @@ class Hub(Generic[M]):
         self._flush_into(room, effects)
         held = room.held.pop(member, None)
         if held:
-            effects.append(Write(name, (member,), b"".join(held), room.cursor))
+            effects.append(Write(name, (member,), *_joined(held)))
         return effects
 
     def drop(self, name: str, member: M) -> bool:
@@ -319,20 +329,27 @@ class Hub(Generic[M]):
         room = self.rooms.get(name)
         if room is None or not room.outgoing:
             return None
-        outgoing = room.outgoing
-        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+        outgoing, seqs = room.outgoing, room.outgoing_seqs
+        marks: Marks
+        if len(outgoing) == 1:
+            data = outgoing[0]
+            marks = ((len(data), seqs[0]),)
+        else:
+            data = b"".join(outgoing)
+            marks = tuple(zip(accumulate(map(len, outgoing)), seqs, strict=True))
         outgoing.clear()
-        return Write(name, self._live_members(room, data), data, room.cursor)
+        seqs.clear()
+        return Write(name, self._live_members(room, data, marks), data, marks)
 
     # -- internals --------------------------------------------------------------------------------
 
     @staticmethod
-    def _live_members(room: Room[M], data: bytes) -> Collection[M]:
+    def _live_members(room: Room[M], data: bytes, marks: Marks) -> Collection[M]:
         """The members to write `data` to now; a held member's copy waits in its queue."""
         if not room.held:
             return room.members
         for queue in room.held.values():
-            queue.append(data)
+            queue.append((data, marks))
         return [m for m in room.members if m not in room.held]
 
     def _flush_into(self, room: Room[M], effects: list[Effect[M]]) -> None:
@@ -340,7 +357,7 @@ class Hub(Generic[M]):
         the caller changes (a joiner must not get frames from before its `joined`)."""
         write = self.flush(room.name)
         if write is not None:
-            effects.append(Write(write.room, tuple(write.members), write.data, write.cursor))
+            effects.append(Write(write.room, tuple(write.members), write.data, write.marks))
 
     def _keep(self, room: Room[M], records: list[Record]) -> None:
         """Records that cannot be delivered yet; past the bound only their seq is kept."""
@@ -387,6 +404,7 @@ class Hub(Generic[M]):
 
     def _queue(self, room: Room[M], wire: bytes, effects: list[Effect[M]]) -> None:
         room.outgoing.append(wire)
+        room.outgoing_seqs.append(room.cursor)
         if len(room.outgoing) == 1:
             effects.append(Flush(room.name))
 
@@ -397,8 +415,8 @@ class Hub(Generic[M]):
 
     def _gap(self, room: Room[M], last: int, effects: list[Effect[M]]) -> None:
         first = room.cursor + 1
-        self._queue(room, wire_text(encode("gap", room=room.name, **{"from": first, "to": last})), effects)
         room.cursor = last
+        self._queue(room, wire_text(encode("gap", room=room.name, **{"from": first, "to": last})), effects)
         effects.append(Gap(room.name, first, last))
 
     def _event(self, room: Room[M], frame: bytes, effects: list[Effect[M]]) -> None:
@@ -406,9 +424,20 @@ class Hub(Generic[M]):
         self._flush_into(room, effects)
         user = orjson.loads(frame).get("user")
         wire = wire_text(frame)
+        marks = ((len(wire), room.cursor),)
         for member, queue in room.held.items():
             if member.user != user:
-                queue.append(wire)
+                queue.append((wire, marks))
         members = [m for m in room.members if m.user != user and m not in room.held]
         if members:
-            effects.append(Write(room.name, members, wire, room.cursor))
+            effects.append(Write(room.name, members, wire, marks))
+
+
+def _joined(chunks: list[tuple[bytes, Marks]]) -> tuple[bytes, Marks]:
+    """Chunks written as one: their data joined, their marks shifted to where they now end."""
+    marks: list[tuple[int, int]] = []
+    offset = 0
+    for data, chunk_marks in chunks:
+        marks.extend((offset + end, seq) for end, seq in chunk_marks)
+        offset += len(data)
+    return b"".join(data for data, _ in chunks), tuple(marks)
