@@ -43,7 +43,6 @@ __all__ = ["Supervisor"]
 
 log = logging.getLogger("rtc.supervisor")
 
-_LISTEN_BACKLOG = 4096
 
 WorkerTarget = Callable[["WorkerSpec"], int]
 
@@ -105,7 +104,9 @@ class Supervisor:
             stale.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         self._probe_port()
-        self._sockets = [self._listen() for _ in range(self.settings.workers)]
+        from rtc.worker import LISTEN_BACKLOG, run_worker  # imports prometheus_client: only now
+
+        self._sockets = [self._listen(LISTEN_BACKLOG) for _ in range(self.settings.workers)]
         self._connections = HostConnections(self.settings.workers)
         if self.settings.embedded_redis:
             self._redis = EmbeddedRedis(self._runtime)
@@ -125,8 +126,6 @@ class Supervisor:
             signal.signal(signum, self._record_signal)
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, "signal")
         if self.target is None:
-            from rtc.worker import run_worker  # imports prometheus_client: only now
-
             self.target = run_worker
         self._apply(self._fleet.start(time.monotonic()))
 
@@ -152,12 +151,13 @@ class Supervisor:
                     raise ConfigError(f"--port {self.settings.port}: address already in use") from None
                 raise ConfigError(f"--host {self.settings.host}: {exc.strerror}") from None
 
-    def _listen(self) -> socket.socket:
+    def _listen(self, backlog: int) -> socket.socket:
+        """The same depth as the worker asks for when it listens again on this socket."""
         sock = socket.socket(_family(self.settings.host), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.settings.host, self.settings.port))
-        sock.listen(_LISTEN_BACKLOG)
+        sock.listen(backlog)
         sock.set_inheritable(True)
         return sock
 

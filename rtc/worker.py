@@ -38,10 +38,11 @@ from rtc.node import Node
 from rtc.protocol import encode
 from rtc.routing.channels import Channels
 
-__all__ = ["WorkerSpec", "drain_connections", "run_worker"]
+__all__ = ["LISTEN_BACKLOG", "WorkerSpec", "drain_connections", "run_worker"]
 
 log = logging.getLogger("rtc.worker")
 
+LISTEN_BACKLOG = 65535  # accept queue per worker; the kernel caps it at net.core.somaxconn
 _CLOSE_TIMEOUT = 5.0
 _ALIVE_EVERY = 1.0  # at most; a short --worker-timeout gets four reports per timeout
 
@@ -150,7 +151,10 @@ class _Worker:
             keepalive_timeout=self.settings.handshake_timeout,
         )
         await runner.setup()
-        site = web.SockSite(runner, self.spec.sock)
+        # create_server listens again: without this, aiohttp's default of 128 would replace
+        # the supervisor's deep queue, and a reconnect storm would overflow it (SYNs dropped
+        # and retried after 1 s, 3 s, 7 s: seconds of connect time for nothing).
+        site = web.SockSite(runner, self.spec.sock, backlog=LISTEN_BACKLOG)
         await site.start()
         try:
             joined = await self._enter_ring(node)

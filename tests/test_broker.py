@@ -215,7 +215,7 @@ async def test_killed_pubsub_connection_is_reestablished_and_reported(
     assert (await asyncio.wait_for(recorder.messages.get(), 5))[1] == b"after"
 
 
-async def test_many_rooms_sequence_in_one_round_trip_even_after_a_script_flush(
+async def test_many_rooms_sequence_in_one_script_call_even_after_a_script_flush(
     broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
 ) -> None:
     b, _ = broker
@@ -229,3 +229,14 @@ async def test_many_rooms_sequence_in_one_round_trip_even_after_a_script_flush(
     assert {room: r.seqs for room, r in again.items() if not isinstance(r, Exception)} == {
         room: [3, 4] for room in batches
     }
+    # On one server, one script call sequences every room of the turn (and the dedup keys
+    # of each room stay with it: a retried id gets its earlier seq back).
+    before = _calls(fresh_redis)
+    retried = {room: [item(room, "c", dedup="x"), item(room, "d")] for room in batches}
+    third = await b.sequence_many(retried, 1000, 60)
+    assert _calls(fresh_redis)["evalsha"] - before["evalsha"] == 1
+    assert {room: r.seqs for room, r in third.items() if not isinstance(r, Exception)} == {
+        room: [5, 6] for room in batches
+    }
+    fourth = await b.sequence_many({"room0": [item("room0", "c", dedup="x")]}, 1000, 60)
+    assert not isinstance(fourth["room0"], Exception) and fourth["room0"].seqs == [5]

@@ -71,7 +71,9 @@ def writes(
         write = hub.flush(effect.room) if isinstance(effect, h.Flush) and flush else effect
         if isinstance(write, h.Write):
             for member in write.members:
-                got.setdefault(member, []).extend(frames_of(write.data))
+                data, _marks = write.for_member(member)
+                if data:
+                    got.setdefault(member, []).extend(frames_of(data))
     return got
 
 
@@ -253,8 +255,28 @@ def test_presence_of_a_held_member_is_not_sent_to_it() -> None:
     hub = live_hub()
     alice = User("alice")
     hub.hold(ROOM, alice)
-    assert hub.receive(ROOM, presence("alice")) == []
+    assert writes(hub, hub.receive(ROOM, presence("alice"))) == {}
     assert hub.release(ROOM, alice) == []
+
+
+def test_a_storm_of_joins_is_one_write_per_member_without_their_own_events() -> None:
+    """Presence events of one turn are written together: one write per member, each
+    without the events whose subject is that member's user."""
+    hub = live_hub()
+    users = [User(f"u{i}") for i in range(5)]
+    for member in users:
+        hub.hold(ROOM, member)
+        hub.release(ROOM, member)
+    effects: list[h.Effect[User]] = []
+    for member in users:
+        effects += hub.receive(ROOM, presence(member.user))
+    assert kinds(effects) == ["Flush"]  # nothing written per event
+    write = hub.flush(ROOM)
+    assert write is not None and set(write.members) == set(users)
+    for member in users:
+        data, marks = write.for_member(member)
+        assert [f["user"] for f in frames_of(data)] == [u.user for u in users if u != member]
+        assert len(marks) == 4 and marks[-1][0] == len(data)
 
 
 # -- members ---------------------------------------------------------------------------------

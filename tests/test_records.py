@@ -14,8 +14,10 @@ from rtc.routing.records import (
     RecordError,
     decode_records,
     decode_slot,
+    decode_slots,
     encode_answer,
     encode_forward,
+    encode_slots,
 )
 
 names = st.from_regex(r"[A-Za-z0-9_.:/\-]{1,40}", fullmatch=True)
@@ -77,3 +79,28 @@ def test_an_answer_without_epoch_from_an_older_worker_still_reads() -> None:
     assert decode_slot(b"A\n12\n5") == Answer(b"12", 5, "")
     with pytest.raises(RecordError):
         decode_slot(b"A\n12\n5\nepoch\nextra")
+
+
+forwards = st.builds(
+    Forward, names, st.integers(1, 2**40).map(lambda n: b"%d" % n), st.none() | names, names,
+    st.integers(0, 2**45), heads, tails,
+)  # fmt: skip
+rids = st.integers(1, 2**40).map(lambda n: b"%d" % n)
+answers = st.builds(
+    Answer, rids, st.integers(1, 2**40), st.from_regex(r"[0-9]{0,20}", fullmatch=True)
+) | st.builds(Answer, rids, st.none(), st.just(""))
+
+
+@given(st.lists(forwards | answers, min_size=1, max_size=8))
+def test_a_batch_of_slot_records_survives_the_round_trip(records: list[Forward | Answer]) -> None:
+    payloads = [encode_forward(r) if isinstance(r, Forward) else encode_answer(r) for r in records]
+    batch = encode_slots(payloads)
+    assert decode_slots(batch) == records
+    if len(records) == 1:
+        assert batch == payloads[0]  # one record travels as it is
+
+
+@pytest.mark.parametrize("payload", [b"B5\nA\n1", b"Bx\nA\n1\n2", b"B3\nA\n1\n2", b"B7\nX\n1\n2\n"])
+def test_a_malformed_slot_batch_is_refused(payload: bytes) -> None:
+    with pytest.raises(RecordError):
+        decode_slots(payload)

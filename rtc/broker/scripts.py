@@ -1,7 +1,8 @@
 """The Lua scripts that make Redis the single point of truth for seq, history and membership.
 
 Each script touches only keys of one room (one hash tag), so it is atomic on a single
-server and valid on Redis Cluster. The scripts that fan out publish to the room's channel,
+server and valid on Redis Cluster; SEQUENCE takes several rooms, which a cluster broker
+only gives it when they share a hash slot. The scripts that fan out publish to the room's channel,
 which carries the same hash tag: with PUBLISH on one server, with SPUBLISH (legal in a
 script whose keys share the channel's slot) on Redis Cluster. `texts` fills that in.
 """
@@ -12,57 +13,74 @@ from string import Template
 
 __all__ = ["texts"]
 
-# Ensures the room has an epoch, returns {seq, epoch}. A room whose meta is gone (never
-# used, expired, or Redis lost its data) gets a fresh epoch and an empty history, so a
-# resume can tell "recovered" from "gap".
+# Ensures the room has an epoch and returns it. A room whose meta is gone (never used,
+# expired, or Redis lost its data) gets a fresh epoch and an empty history, so a resume
+# can tell "recovered" from "gap".
 _ENSURE_EPOCH = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+local function ensure_epoch(meta, log)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    local t = redis.call('TIME')
+    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('DEL', log)
+    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+  end
+  return epoch
 end
 """
 
-# KEYS: meta, log   ARGV: ttl
+# KEYS: meta, log   ARGV: ttl. Returns {seq, epoch}.
 _OPEN_ROOM = (
     _ENSURE_EPOCH
     + """
+local epoch = ensure_epoch(KEYS[1], KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return {tonumber(redis.call('HGET', KEYS[1], 'seq')), epoch}
 """
 )
 
-# KEYS: meta, log, dedup keys...   ARGV: channel, maxlen, ttl, n, then per message
-# head, tail, ts, dedup key index (0: none). Sequences a batch: HINCRBY, XADD and one
-# (S)PUBLISH of all new records, `<seq> <ts> <frame>` joined by newlines. A retried publish
-# (same dedup key) gets its earlier seq back and is not published twice.
+# Sequences the batches of several rooms (or inboxes) in one call: on one server a busy
+# worker's whole turn, on a cluster the rooms of one hash slot.
+# KEYS: per room: meta, log, its dedup keys.   ARGV: maxlen, ttl, rooms, then per room:
+# key count, channel, n, then per message head, tail, ts, and the index of its dedup key
+# among the room's keys (0: none). Per room: HINCRBY, XADD and one (S)PUBLISH of all its
+# new records, `<seq> <ts> <frame>` joined by newlines. A retried publish (same dedup key)
+# gets its earlier seq back and is not published twice. Returns {epoch, seq...} per room.
 _SEQUENCE = (
     _ENSURE_EPOCH
     + """
-local channel, maxlen, ttl, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local result = {epoch}
-local records = {}
-for i = 0, n - 1 do
-  local head, tail, ts, d = ARGV[5 + i * 4], ARGV[6 + i * 4], ARGV[7 + i * 4], tonumber(ARGV[8 + i * 4])
-  local seq = false
-  if d > 0 then seq = redis.call('GET', KEYS[d]) end
-  if seq then
-    seq = tonumber(seq)
-  else
-    seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-    local frame = head .. seq .. tail
-    redis.call('XADD', KEYS[2], 'MAXLEN', maxlen, seq .. '-1', 'f', frame)
-    records[#records + 1] = seq .. ' ' .. ts .. ' ' .. frame
-    if d > 0 then redis.call('SET', KEYS[d], seq, 'EX', 120) end
+local maxlen, ttl, rooms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+local k, a = 1, 4
+for _ = 1, rooms do
+  local nkeys, channel, n = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  local meta, log = KEYS[k], KEYS[k + 1]
+  local result = {ensure_epoch(meta, log)}
+  local records = {}
+  for _ = 1, n do
+    local head, tail, ts, d = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+    a = a + 4
+    local seq = false
+    if d > 0 then seq = redis.call('GET', KEYS[k + d - 1]) end
+    if seq then
+      seq = tonumber(seq)
+    else
+      seq = redis.call('HINCRBY', meta, 'seq', 1)
+      local frame = head .. seq .. tail
+      redis.call('XADD', log, 'MAXLEN', maxlen, seq .. '-1', 'f', frame)
+      records[#records + 1] = seq .. ' ' .. ts .. ' ' .. frame
+      if d > 0 then redis.call('SET', KEYS[k + d - 1], seq, 'EX', 120) end
+    end
+    result[#result + 1] = seq
   end
-  result[#result + 1] = seq
+  if #records > 0 then redis.call('$publish', channel, table.concat(records, '\\n')) end
+  redis.call('EXPIRE', meta, ttl)
+  redis.call('EXPIRE', log, ttl)
+  out[#out + 1] = result
+  k = k + nkeys
 end
-if #records > 0 then redis.call('$publish', channel, table.concat(records, '\\n')) end
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-return result
+return out
 """
 )
 

@@ -228,8 +228,14 @@ class LocalRooms:
     @staticmethod
     def _write(write: h.Write[Connection]) -> None:
         name, data, marks = write.room, write.data, write.marks
+        if not write.variants:
+            for conn in write.members:
+                conn.deliver(name, data, marks)
+            return
         for conn in write.members:
-            conn.deliver(name, data, marks)
+            mine, my_marks = write.for_member(conn)
+            if mine:  # empty: the turn held nothing but this user's own presence events
+                conn.deliver(name, mine, my_marks)
 
     async def _fill(self, fill: h.Fill) -> None:
         if fill.delay:

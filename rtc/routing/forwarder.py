@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from rtc import keys, metrics
 from rtc.broker.base import Unsequenced
 from rtc.routing.outbox import Outbox
-from rtc.routing.records import Answer, Forward, decode_slot, encode_answer, encode_forward
+from rtc.routing.records import Answer, Forward, decode_slots, encode_answer, encode_forward
 from rtc.routing.ring import RingMember
 from rtc.routing.sequencer import Reply, Sequencer, Stamp
 
@@ -163,8 +163,11 @@ class Forwarder:
             self._resolve(lane_id, entry, None)  # nothing when it was answered already
 
     def on_slot_message(self, payload: bytes) -> None:
-        """A forward to sequence for another worker, or the answer to one of ours."""
-        record = decode_slot(payload)
+        """Forwards to sequence for other workers, and answers to ours."""
+        for record in decode_slots(payload):
+            self._on_record(record)
+
+    def _on_record(self, record: Forward | Answer) -> None:
         if isinstance(record, Answer):
             pending = self._forwards.get(record.rid)
             if pending is not None:

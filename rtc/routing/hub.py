@@ -33,8 +33,8 @@ silent. A transient read failure is retried with backoff; only after
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Hashable
-from dataclasses import dataclass, field
+from collections.abc import Collection, Hashable, Mapping
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Generic, Protocol, TypeVar
 
@@ -93,11 +93,22 @@ class Write(Generic[M]):
     members: Collection[M]
     data: bytes
     marks: Marks
+    # Members of these users get this instead (their own presence events left out; empty
+    # data: nothing to write to them).
+    variants: Mapping[str, tuple[bytes, Marks]] = field(default_factory=dict)
 
     @property
     def cursor(self) -> int:
         """The seq the room is at once all of `data` is out."""
         return self.marks[-1][1]
+
+    def for_member(self, member: M) -> tuple[bytes, Marks]:
+        """What `member` is written: `data`, or its user's variant."""
+        if self.variants:
+            variant = self.variants.get(member.user)
+            if variant is not None:
+                return variant
+        return self.data, self.marks
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +170,7 @@ class Room(Generic[M]):
     known: int = 0  # highest seq seen, also of records the full backlog turned away
     outgoing: list[bytes] = field(default_factory=list)
     outgoing_seqs: list[int] = field(default_factory=list)  # the seq after each outgoing frame
+    outgoing_subjects: dict[int, str] = field(default_factory=dict)  # index of a presence event: its user
     fill_upto: int = 0
     attempts: int = 0  # failed reads of the outstanding fill or resync
     resync_due: bool = False  # pub/sub came back while filling: resync afterwards
@@ -324,32 +336,38 @@ class Hub(Generic[M]):
     def flush(self, name: str) -> Write[M] | None:
         """The frames queued this turn, as one write per member (held members keep theirs).
 
+        Presence events queued this turn go to every member but their subject's: members
+        of a subject user get a variant without their own events. A storm of joins in one
+        room therefore costs one write per member per turn, not one per join per member.
         Its `members` may be the room's own set: write it before changing membership.
         """
         room = self.rooms.get(name)
         if room is None or not room.outgoing:
             return None
-        outgoing, seqs = room.outgoing, room.outgoing_seqs
-        marks: Marks
-        if len(outgoing) == 1:
-            data = outgoing[0]
-            marks = ((len(data), seqs[0]),)
-        else:
-            data = b"".join(outgoing)
-            marks = tuple(zip(accumulate(map(len, outgoing)), seqs, strict=True))
+        outgoing, seqs, subjects = room.outgoing, room.outgoing_seqs, room.outgoing_subjects
+        data, marks = _frames(outgoing, seqs)
+        variants: dict[str, tuple[bytes, Marks]] = {}
+        for user in set(subjects.values()):
+            keep = [i for i in range(len(outgoing)) if subjects.get(i) != user]
+            variants[user] = _frames([outgoing[i] for i in keep], [seqs[i] for i in keep])
         outgoing.clear()
         seqs.clear()
-        return Write(name, self._live_members(room, data, marks), data, marks)
+        subjects.clear()
+        return Write(name, self._live_members(room, data, marks, variants), data, marks, variants)
 
     # -- internals --------------------------------------------------------------------------------
 
     @staticmethod
-    def _live_members(room: Room[M], data: bytes, marks: Marks) -> Collection[M]:
-        """The members to write `data` to now; a held member's copy waits in its queue."""
+    def _live_members(
+        room: Room[M], data: bytes, marks: Marks, variants: Mapping[str, tuple[bytes, Marks]]
+    ) -> Collection[M]:
+        """The members to write to now; a held member's copy waits in its queue."""
         if not room.held:
             return room.members
-        for queue in room.held.values():
-            queue.append((data, marks))
+        for member, queue in room.held.items():
+            chunk = variants.get(member.user, (data, marks))
+            if chunk[0]:
+                queue.append(chunk)
         return [m for m in room.members if m not in room.held]
 
     def _flush_into(self, room: Room[M], effects: list[Effect[M]]) -> None:
@@ -357,7 +375,7 @@ class Hub(Generic[M]):
         the caller changes (a joiner must not get frames from before its `joined`)."""
         write = self.flush(room.name)
         if write is not None:
-            effects.append(Write(write.room, tuple(write.members), write.data, write.marks))
+            effects.append(replace(write, members=tuple(write.members)))
 
     def _keep(self, room: Room[M], records: list[Record]) -> None:
         """Records that cannot be delivered yet; past the bound only their seq is kept."""
@@ -420,17 +438,18 @@ class Hub(Generic[M]):
         effects.append(Gap(room.name, first, last))
 
     def _event(self, room: Room[M], frame: bytes, effects: list[Effect[M]]) -> None:
-        """An unsequenced room event (presence): to every member but its subject."""
-        self._flush_into(room, effects)
-        user = orjson.loads(frame).get("user")
-        wire = wire_text(frame)
-        marks = ((len(wire), room.cursor),)
-        for member, queue in room.held.items():
-            if member.user != user:
-                queue.append((wire, marks))
-        members = [m for m in room.members if m.user != user and m not in room.held]
-        if members:
-            effects.append(Write(room.name, members, wire, marks))
+        """An unsequenced room event (presence): queued for every member but its subject."""
+        room.outgoing_subjects[len(room.outgoing)] = orjson.loads(frame).get("user")
+        self._queue(room, wire_text(frame), effects)
+
+
+def _frames(outgoing: list[bytes], seqs: list[int]) -> tuple[bytes, Marks]:
+    """Frames written as one, with the marks of where each ends and the seq it brings."""
+    if len(outgoing) == 1:
+        return outgoing[0], ((len(outgoing[0]), seqs[0]),)
+    if not outgoing:
+        return b"", ()
+    return b"".join(outgoing), tuple(zip(accumulate(map(len, outgoing)), seqs, strict=True))
 
 
 def _joined(chunks: list[tuple[bytes, Marks]]) -> tuple[bytes, Marks]:

@@ -1,8 +1,8 @@
-"""PUBLISHes to other workers, queued in order and sent in one pipeline per loop turn.
+"""Slot records to other workers, queued in order: one message per slot per loop turn.
 
-Each pipeline is bounded by a deadline, so a stalled Redis fails it instead of holding
-the queue for the length of the stall. A message no longer `wanted` when its turn comes
-is dropped; one whose pipeline failed is reported (`on_failed`) at once, so its sender
+Each round trip is bounded by a deadline, so a stalled Redis fails it instead of holding
+the queue for the length of the stall. A record no longer `wanted` when its turn comes
+is dropped; one whose PUBLISH failed is reported (`on_failed`) at once, so its sender
 can answer `unavailable` now rather than at its deadline.
 """
 
@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from rtc.broker.base import Publisher
 from rtc.log import describe
+from rtc.routing.records import encode_slots
 from rtc.routing.tasks import Tasks
 
 __all__ = ["Outbox"]
@@ -22,7 +23,7 @@ __all__ = ["Outbox"]
 log = logging.getLogger("rtc.outbox")
 
 
-class _Message(NamedTuple):
+class _Record(NamedTuple):
     channel: str
     payload: bytes
     on_nobody: Callable[[], None] | None
@@ -37,7 +38,7 @@ class Outbox:
         self._publisher = publisher
         self._tasks = tasks
         self._timeout = timeout
-        self._queue: list[_Message] = []
+        self._queue: list[_Record] = []
         self._scheduled = False
 
     def send(
@@ -48,7 +49,7 @@ class Outbox:
         on_failed: Callable[[], None] | None = None,
         wanted: Callable[[], bool] | None = None,
     ) -> None:
-        self._queue.append(_Message(channel, payload, on_nobody, on_failed, wanted))
+        self._queue.append(_Record(channel, payload, on_nobody, on_failed, wanted))
         if not self._scheduled:
             self._scheduled = True
             self._tasks.spawn(self._flush(), flush=True)
@@ -58,20 +59,29 @@ class Outbox:
             await asyncio.sleep(0)  # let this loop turn's messages join the pipeline
             while self._queue:
                 batch, self._queue = self._queue, []
-                batch = [m for m in batch if m.wanted is None or m.wanted()]
+                # One message per channel: the records of a turn to one slot travel together.
+                by_channel: dict[str, list[_Record]] = {}
+                for record in batch:
+                    if record.wanted is None or record.wanted():
+                        by_channel.setdefault(record.channel, []).append(record)
+                messages = [
+                    (channel, encode_slots([r.payload for r in records]))
+                    for channel, records in by_channel.items()
+                ]
                 try:
                     async with asyncio.timeout(self._timeout):
-                        receivers = await self._publisher.publish_many(
-                            [(m.channel, m.payload) for m in batch]
-                        )
+                        receivers = await self._publisher.publish_many(messages)
                 except Exception as exc:
-                    log.warning("forwarding %d messages failed: %s", len(batch), describe(exc))
-                    for message in batch:
-                        if message.on_failed is not None:
-                            message.on_failed()
+                    log.warning("forwarding %d messages failed: %s", len(messages), describe(exc))
+                    for records in by_channel.values():
+                        for record in records:
+                            if record.on_failed is not None:
+                                record.on_failed()
                     continue
-                for message, count in zip(batch, receivers, strict=True):
-                    if message.on_nobody is not None and count == 0:
-                        message.on_nobody()
+                for count, records in zip(receivers, by_channel.values(), strict=True):
+                    if count == 0:
+                        for record in records:
+                            if record.on_nobody is not None:
+                                record.on_nobody()
         finally:
             self._scheduled = False

@@ -10,7 +10,8 @@ Two formats travel on two kinds of channel:
   `A\\n<rid>\\n<seq>\\n<epoch>` (sequenced) or `E\\n<rid>` (failed); an answer without the
   epoch (from a worker of an older version, during a rolling upgrade) reads as epoch "".
   Slot ids, request ids, dedup tokens, epochs and room names never hold a newline, nor does
-  the head (compact JSON up to the seq); the tail comes last, so it may.
+  the head (compact JSON up to the seq); the tail comes last, so it may. Several records
+  for one slot in one message: `B`, then each as `<length>\\n<record>` (`encode_slots`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ __all__ = [
     "RecordError",
     "decode_records",
     "decode_slot",
+    "decode_slots",
     "encode_answer",
     "encode_forward",
+    "encode_slots",
 ]
 
 
@@ -112,3 +115,35 @@ def decode_slot(payload: bytes) -> Forward | Answer:
     except ValueError:
         pass
     raise RecordError(f"not a slot record: {payload[:60]!r}")
+
+
+def encode_slots(payloads: list[bytes]) -> bytes:
+    """Several slot records for one inbox as one message: `B` then `<length>\\n<record>` each.
+
+    Under load a worker forwards (and answers) many publishes to the same slot per loop
+    turn; one pub/sub message for all of them is one PUBLISH and one read on the other
+    side instead of one per record. A single record goes as it is.
+    """
+    if len(payloads) == 1:
+        return payloads[0]
+    return b"B" + b"".join(b"%d\n%s" % (len(p), p) for p in payloads)
+
+
+def decode_slots(payload: bytes) -> list[Forward | Answer]:
+    """The records of one slot-inbox message, batched (`encode_slots`) or single."""
+    if payload[:1] != b"B":
+        return [decode_slot(payload)]
+    records: list[Forward | Answer] = []
+    pos, end = 1, len(payload)
+    try:
+        while pos < end:
+            newline = payload.index(b"\n", pos)
+            start = newline + 1
+            stop = start + int(payload[pos:newline])
+            if stop > end:
+                raise ValueError
+            records.append(decode_slot(payload[start:stop]))
+            pos = stop
+    except ValueError:
+        raise RecordError(f"not a slot batch: {payload[:60]!r}") from None
+    return records
