@@ -43,6 +43,7 @@ MEMBERS_LIMIT = 1000
 MAINTAIN_EVERY = 1.0
 EXPIRE_EVERY = 0.05  # publishes past their deadline are answered within this
 REFRESH_EVERY = 5  # maintenance ticks between membership refreshes
+MAINTENANCE_TIMEOUT = 10.0  # a round of room maintenance that Redis holds longer is given up
 _SEQ_DIGITS = 20  # room in a frame for the seq when checking the size limit
 
 
@@ -125,18 +126,32 @@ class Node:
         self._tasks.spawn(coro)
 
     async def maintain(self) -> None:
-        """Every second: ring heartbeat and idle rooms; every 5 s membership."""
+        """The ring heartbeat every second; idle rooms every second and membership every 5 s.
+
+        Two loops: the heartbeat must never wait behind other maintenance that waits on
+        Redis (an unsubscribe while pub/sub reconnects), or a live worker's slot would
+        lapse and leave every ring view.
+        """
+        self._tasks.spawn(self._rooms_forever())
+        while True:
+            await asyncio.sleep(MAINTAIN_EVERY)
+            try:
+                await self.membership.heartbeat()  # bounded by HEARTBEAT_TIMEOUT
+            except Exception as exc:  # Redis failed or stalled: the next tick tries again
+                log.warning("ring heartbeat failed: %s", describe(exc))
+
+    async def _rooms_forever(self) -> None:
         tick = 0
         while True:
             await asyncio.sleep(MAINTAIN_EVERY)
             tick += 1
             try:
-                await self.membership.heartbeat()
-                await self.rooms.close_idle(time.monotonic())
-                if tick % REFRESH_EVERY == 0:
-                    await self.presence.refresh(self.rooms.member_rooms())
+                async with asyncio.timeout(MAINTENANCE_TIMEOUT):
+                    await self.rooms.close_idle(time.monotonic())
+                    if tick % REFRESH_EVERY == 0:
+                        await self.presence.refresh(self.rooms.member_rooms())
             except Exception as exc:  # Redis failed or stalled: the next tick tries again
-                log.warning("maintenance failed: %s", describe(exc))
+                log.warning("room maintenance failed: %s", describe(exc))
 
     async def checkpoint_forever(self) -> None:
         await self.sessions.checkpoint_forever(lambda: self.connections)
