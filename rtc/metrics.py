@@ -98,7 +98,7 @@ ERROR_FRAMES = Counter("rtc_errors", "Error frames sent, by code", ("code",))
 WORKER_RESTARTS = Counter("rtc_worker_restarts", "Workers replaced after dying")
 RING_SLOTS = Gauge("rtc_ring_slots", "Live slots in the ring", multiprocess_mode="livemax")
 
-HANDSHAKE_REASONS = ("draining", "full", "origin", "auth", "per_ip")
+HANDSHAKE_REASONS = ("draining", "full", "origin", "auth", "per_ip", "connect_rate")
 REDIS_OPS = (
     "ping",
     "heartbeat",

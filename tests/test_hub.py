@@ -454,7 +454,7 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(last=st.integers(0, 40), trimmed=st.integers(0, 40), opened=st.integers(0, 40), schedule=steps)
 def test_any_schedule_delivers_each_seq_once_in_order_and_gaps_only_what_history_lost(
     last: int, trimmed: int, opened: int, schedule: list[tuple[str, object]]

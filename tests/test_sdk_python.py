@@ -132,7 +132,8 @@ async def test_server_api_disconnect_is_final_and_get_token_refreshes(host: Host
 def _doc_block(heading: str) -> str:
     text = (Path(__file__).parent.parent / "docs" / "clients.md").read_text()
     section = text.split(heading, 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+    block = section.split("```python", 1)[1].split("\n", 1)[1]  # after the fence's info string
+    return block.split("```", 1)[0]
 
 
 async def test_docs_backend_example_reaches_a_subscriber(host: Host) -> None:
