@@ -66,7 +66,19 @@ class Node:
             Outbox(broker, self._tasks, FORWARD_TIMEOUT),
             worker,
         )
-        self.rooms = LocalRooms(channels, broker, broker, self._tasks, settings.history_ttl, worker)
+        # A replay page holds at most half the send queue of the largest messages, and the
+        # next page goes once the queue is below half: a replay never passes the bound.
+        window = settings.send_queue_bytes // 2
+        self.rooms = LocalRooms(
+            channels,
+            broker,
+            broker,
+            self._tasks,
+            settings.history_ttl,
+            worker,
+            replay_page=max(1, window // settings.max_message_bytes),
+            replay_window=window,
+        )
         self.presence = Presence(broker, self._tasks, slot, settings.presence_events_max, worker)
         self.sessions = Sessions(broker, self._epoch, settings.session_ttl)
         self._control = keys.host_control(settings.node_id)
@@ -163,13 +175,19 @@ class Node:
 
     # -- connections ------------------------------------------------------------------------
 
-    async def attach(self, conn: Connection) -> None:
-        """A new connection: listen to its inbox."""
+    async def open_inbox(self, conn: Connection) -> None:
+        """Subscribe to a new connection's inbox, so that `attach` need not wait."""
+        await self.rooms.open(inbox(conn.user))
+
+    async def attach(self, conn: Connection, *, held: bool = False) -> None:
+        """A new connection: listen to its inbox. A resumed session's inbox stays `held`
+        (its live frames wait) until the rejoin has replayed it."""
         self.connections.add(conn)
         name = inbox(conn.user)
         await self.rooms.open(name)
         conn.checkpoint.start(name, self.rooms.hold(name, conn))
-        self.rooms.release(name, conn)
+        if not held:
+            self.rooms.release(name, conn)
         conn.rooms.add(name)
 
     async def detach(self, conn: Connection) -> None:
@@ -191,21 +209,17 @@ class Node:
         await self.rooms.open(name)
         if conn.closing:
             return
+        self.rooms.stop_replay(conn, name)  # a join again supersedes a replay in progress
         last = self.rooms.hold(name, conn)
         conn.rooms.add(name)
         greeted = False
         try:
-            replay = await self.rooms.replay(name, cmd.since, cmd.epoch, last)
-            start = cmd.since if cmd.since is not None and replay.recovered else last
-            conn.checkpoint.start(name, start)
+            start = await self.rooms.start_replay(name, cmd.since, cmd.epoch, last)
             conn.send(
-                encode("joined", cmd.id, room=name, seq=last, epoch=replay.epoch, recovered=replay.recovered)
+                encode("joined", cmd.id, room=name, seq=last, epoch=start.epoch, recovered=start.recovered)
             )
             greeted = True
-            for frame in replay.frames:
-                conn.send(frame)
-            conn.reached(name, last)
-            await self.sessions.joined(conn, name, start, replay.epoch)
+            await self.sessions.joined(conn, name, start.after, start.epoch)
         except BaseException:
             if not already and not greeted:  # no `joined` went out: not a member after all
                 self.rooms.drop(name, conn)
@@ -214,7 +228,7 @@ class Node:
             else:
                 self.rooms.release(name, conn)
             raise
-        self.rooms.release(name, conn)
+        self.rooms.replay(conn, name, start)  # in the background, paced by the socket
         if not already and name[0] != "@":
             await self.presence.join(name, conn.user)
 
@@ -277,6 +291,7 @@ class Node:
 
     async def _drop_member(self, conn: Connection, name: str) -> None:
         conn.rooms.discard(name)
+        self.rooms.stop_replay(conn, name)
         if self.rooms.drop(name, conn) and name[0] != "@":
             await self.presence.leave(name, conn.user)
 

@@ -452,12 +452,18 @@ class RedisCore(ABC):
         keep each call short, since Redis runs nothing else meanwhile)."""
         return [rooms[i : i + _ROOMS_PER_CALL] for i in range(0, len(rooms), _ROOMS_PER_CALL)]
 
-    async def history(self, room: str, after: int, upto: int) -> list[tuple[int, bytes]]:
-        """Frames with seq in (after, upto], as far as history still has them."""
+    async def history(
+        self, room: str, after: int, upto: int, limit: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Frames with seq in (after, upto], as far as history still has them; the first
+        `limit` of them when given (a page: Redis and the worker hold only that much)."""
         if upto <= after:
             return []
+        page = () if limit is None else ("COUNT", limit)
         with self._timed("history"):
-            entries = await self._batch.call("XRANGE", keys.room_history(room), f"{after + 1}-1", f"{upto}-1")
+            entries = await self._batch.call(
+                "XRANGE", keys.room_history(room), f"{after + 1}-1", f"{upto}-1", *page
+            )
         frames: list[tuple[int, bytes]] = []
         for entry_id, fields in entries or ():
             frame = (fields or {}).get(b"f")
