@@ -29,6 +29,7 @@ from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
 from rtc.hostcount import HostConnections
+from rtc.log import describe
 from rtc.node import Node
 from rtc.protocol import (
     Direct,
@@ -431,7 +432,7 @@ async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None
     try:
         await state.node.save_final(conns)
     except Exception as exc:
-        log.warning("final session checkpoint failed: %s", exc)
+        log.warning("final session checkpoint failed: %s", describe(exc))
 
 
 def _admit(conn: Connection, text: str | None = None) -> bool:
@@ -517,7 +518,8 @@ async def _refresh(state: WorkerState, conn: Connection, token: str, request_id:
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     in_ring = state.node.in_ring and set(state.settings.local_slots) <= set(state.node.ring.slots)
-    redis_ok = await state.broker.ping()
+    # The worker's last known Redis state: a load balancer's check never waits on Redis.
+    redis_ok = state.node.redis_ok
     ok = in_ring and not state.draining
     status = "ok" if ok else ("draining" if state.draining else "starting")
     body = {

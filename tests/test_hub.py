@@ -361,17 +361,31 @@ def test_resubscribe_during_a_fill_resyncs_after_it() -> None:
     assert effects[-1] == h.Resync(ROOM, 0.0)
 
 
-def test_a_new_epoch_restarts_every_member() -> None:
+def test_a_new_epoch_restarts_every_member_from_its_first_seq() -> None:
+    """Redis lost the room: what the new epoch holds (acked to its publishers) is delivered."""
     hub = live_hub(cursor=8)
     alice = User("alice")
     hub.hold(ROOM, alice)
     hub.release(ROOM, alice)
     hub.receive(ROOM, payload(9))
     hub.resubscribed(ROOM)
+    hub.receive(ROOM, payload(3))  # arrived after the resubscribe: the new epoch's
     effects = hub.resynced(ROOM, 2, "e2")
-    assert kinds(effects) == ["Write", "Restart"]
+    assert kinds(effects) == ["Write", "Restart", "Fill"]
     assert effects[1] == h.Restart(ROOM, (alice,), 2, "e2")
-    assert kinds(hub.receive(ROOM, payload(3))) == ["Flush", "Delivered"]
+    assert effects[2] == h.Fill(ROOM, 0, 2, 0.0)
+    assert hub.rooms[ROOM].epoch == "e2"
+    written = writes(hub, hub.filled(ROOM, [(1, frame(1)), (2, frame(2))]))
+    assert [f["seq"] for f in written[alice]] == [1, 2, 3]
+    assert kinds(hub.receive(ROOM, payload(4))) == ["Flush", "Delivered"]
+
+
+def test_a_new_epoch_with_nothing_in_it_goes_live() -> None:
+    hub = live_hub(cursor=8)
+    hub.resubscribed(ROOM)
+    assert kinds(hub.resynced(ROOM, 0, "e2")) == ["Restart"]
+    assert hub.rooms[ROOM].phase is h.Phase.LIVE
+    assert kinds(hub.receive(ROOM, payload(1))) == ["Flush", "Delivered"]
 
 
 def test_a_failed_resync_is_retried_then_gives_up_live() -> None:

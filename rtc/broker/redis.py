@@ -36,6 +36,7 @@ from redis.typing import EncodableT, FieldT
 from rtc import keys, metrics
 from rtc.broker import scripts
 from rtc.broker.base import BrokerHandler, Sequenced, SlotTaken, Unsequenced
+from rtc.log import describe
 
 __all__ = ["LOST", "RedisBroker", "RedisCore", "Subscriptions", "client_options", "stop_task"]
 
@@ -58,7 +59,9 @@ def client_options() -> dict[str, Any]:
     return {
         "socket_timeout": _TIMEOUT,
         "socket_connect_timeout": _TIMEOUT,
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+        # Short waits between retries: a command retrying while Redis restarts notices it
+        # is back within a quarter second (a publish must be answered within 2 s anyway).
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), 3),
     }
 
 
@@ -361,7 +364,7 @@ class RedisCore(ABC):
             except asyncio.CancelledError:
                 raise
             except LOST as exc:
-                log.warning("pubsub connection lost: %s; reconnecting", exc)
+                log.warning("pubsub connection lost: %s; reconnecting", describe(exc))
                 metrics.PUBSUB_RECONNECTS.labels(self._worker).inc()
                 metrics.REDIS_UP.labels(self._worker).set(0)
                 if pubsub.connection is not None:

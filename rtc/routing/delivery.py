@@ -18,6 +18,7 @@ from rtc import keys, metrics
 from rtc.broker.base import RoomLog, Subscriber
 from rtc.connection import Connection
 from rtc.errors import CloseCode, ErrorCode, ProtocolError
+from rtc.log import describe
 from rtc.protocol import encode
 from rtc.routing import hub as h
 from rtc.routing.channels import Channels, Listener
@@ -262,8 +263,15 @@ class LocalRooms:
                 case h.Resync():
                     self._tasks.spawn(self._resync(effect))
                 case h.Restart(room=name, members=members, seq=seq, epoch=epoch):
+                    metrics.EPOCH_CHANGES.labels(self._worker).inc()
+                    log.warning(
+                        "history epoch of %s changed (Redis lost it): now %s, replaying its %d messages",
+                        name,
+                        epoch,
+                        seq,
+                    )
                     for conn in members:
-                        conn.checkpoint.start(name, seq)
+                        conn.checkpoint.start(name, 0)  # the new epoch's seqs follow from 1
                         conn.send(encode("joined", room=name, seq=seq, epoch=epoch, recovered=False))
                 case h.Gap(room=name, first=first, last=last):
                     metrics.GAPS_REPORTED.labels(self._worker).inc()
@@ -297,7 +305,7 @@ class LocalRooms:
         try:
             entries = await self._log.history(fill.room, fill.after, fill.upto)
         except Exception as exc:
-            log.warning("history read for %s failed: %s", fill.room, exc)
+            log.warning("history read for %s failed: %s", fill.room, describe(exc))
             self.apply(self.hub.fill_failed(fill.room))
             return
         self.apply(self.hub.filled(fill.room, entries))
@@ -308,7 +316,7 @@ class LocalRooms:
         try:
             seq, epoch = await self._log.open_room(resync.room, self._history_ttl)
         except Exception as exc:
-            log.warning("resync of %s failed: %s", resync.room, exc)
+            log.warning("resync of %s failed: %s", resync.room, describe(exc))
             self.apply(self.hub.resync_failed(resync.room))
             return
         self.apply(self.hub.resynced(resync.room, seq, epoch))

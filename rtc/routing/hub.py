@@ -20,7 +20,8 @@ caller feeds it what arrived (`receive`), what it fetched (`opened`, `filled`,
   `fill_failed` when the read failed.
 - `Resync`: read the room's seq and epoch (after `delay`) and call `resynced`, or
   `resync_failed`.
-- `Restart`: history was lost (a new epoch): tell `members` they start over at `seq`.
+- `Restart`: history was lost (a new epoch whose last seq is `seq`): tell `members`; the
+  new epoch's messages from seq 1 follow (a `Fill`), as they were acked to their publishers.
 - `Delivered`, `Gap`: a message went out to `members` members / seqs first..last were
   announced lost; for metrics and logs (the gap frame itself is already queued).
 
@@ -277,9 +278,11 @@ class Hub(Generic[M]):
             return effects  # the room was closed (and maybe reopened) meanwhile
         room.attempts = 0
         if epoch != room.epoch:
-            # History was lost (Redis restarted): members start over from this epoch.
+            # History was lost (Redis restarted without persistence): members start over
+            # in this epoch, from its first seq. What it holds already was acked to its
+            # publishers, so skipping to `seq` would lose it silently.
             self._flush_into(room, effects)
-            room.epoch, room.cursor = epoch, seq
+            room.epoch, room.cursor = epoch, 0
             room.known = seq  # the backlog holds only records from after the resubscribe
             effects.append(Restart(name, tuple(room.members), seq, epoch))
             self._go_live(room, effects)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 from rtc.broker.base import SessionStore
 from rtc.connection import Connection
+from rtc.log import describe
 from rtc.protocol import inbox
 
 __all__ = ["CHECKPOINT_EVERY", "Rejoin", "Sessions"]
@@ -85,4 +86,4 @@ class Sessions:
             try:
                 await self.save(conns())
             except Exception as exc:
-                log.warning("session checkpoint failed: %s", exc)
+                log.warning("session checkpoint failed: %s", describe(exc))
