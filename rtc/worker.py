@@ -114,6 +114,7 @@ class _Worker:
             metrics.PUBSUB_RECONNECTS,
             metrics.GAPS_FILLED,
             metrics.GAPS_REPORTED,
+            metrics.EPOCH_CHANGES,
             metrics.DRAINS,
         ):
             family.labels(self.label)
