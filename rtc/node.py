@@ -21,7 +21,7 @@ from rtc import keys
 from rtc.broker.base import Broker, Unsequenced
 from rtc.config import Settings
 from rtc.connection import Connection
-from rtc.errors import ErrorCode, ProtocolError
+from rtc.errors import CloseCode, ErrorCode, ProtocolError
 from rtc.hashring import Ring
 from rtc.log import describe
 from rtc.protocol import Direct, Join, Publish, RequestId, direct_halves, encode, inbox, message_halves
@@ -221,12 +221,14 @@ class Node:
             greeted = True
             await self.sessions.joined(conn, name, start.after, start.epoch)
         except BaseException:
-            if not already and not greeted:  # no `joined` went out: not a member after all
+            if greeted:  # `joined` promised its replay: releasing at the cursor would skip it
+                self.rooms.replay(conn, name, start)
+            elif not already:  # no `joined` went out: not a member after all
                 self.rooms.drop(name, conn)
                 conn.rooms.discard(name)
                 conn.checkpoint.forget(name)
-            else:
-                self.rooms.release(name, conn)
+            else:  # its earlier replay was stopped: only a resume can deliver the rest
+                conn.close_soon(CloseCode.TRY_AGAIN, "join interrupted")
             raise
         self.rooms.replay(conn, name, start)  # in the background, paced by the socket
         if not already and name[0] != "@":

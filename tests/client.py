@@ -130,6 +130,8 @@ class ResumingClient:
         self.rooms = rooms
         self.seqs: dict[str, list[int]] = {room: [] for room in rooms}
         self.gaps: list[dict[str, Any]] = []
+        self.joins: list[dict[str, Any]] = []  # every `joined`, resumed ones too
+        self.errors: list[dict[str, Any]] = []  # a failed rejoin shows here, not as a gap
         self.close_codes: list[int | None] = []
         self.migrations = 0
         self.reconnects = 0
@@ -198,6 +200,7 @@ class ResumingClient:
     def _on_frame(self, frame: dict[str, Any]) -> bool:
         kind = frame["type"]
         if kind == "joined" and frame["room"] in self.seqs:
+            self.joins.append(frame)
             self._joined_rooms.add(frame["room"])
             if self._joined_rooms == set(self.rooms):
                 self._joined.set()
@@ -207,6 +210,8 @@ class ResumingClient:
                 seen.append(frame["seq"])
         elif kind == "gap":
             self.gaps.append(frame)
+        elif kind == "error":
+            self.errors.append(frame)
         elif kind == "status" and frame.get("status") == "migrating":
             self.migrations += 1
             return True

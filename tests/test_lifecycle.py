@@ -22,7 +22,10 @@ FAST = ("--rate", "1000", "--rate-burst", "1000")
 def assert_complete(members: list[ResumingClient], room: str, last: int) -> None:
     for member in members:
         missing = set(range(1, last + 1)) - member.delivered(room)
-        assert not missing, f"{member.user} missed {sorted(missing)[:10]} (gaps: {member.gaps})"
+        assert not missing, (
+            f"{member.user} missed {sorted(missing)[:10]} (gaps: {member.gaps}; joined: {member.joins}; "
+            f"errors: {member.errors}; closes: {member.close_codes})"
+        )
         assert not member.gaps
     resumed = sum(m.reconnects for m in members)
     print(f"\n{room}: {last} published, 0 lost, for {len(members)} members ({resumed} resumes)")

@@ -131,3 +131,31 @@ async def test_a_busy_socket_is_checkpointed_up_to_what_left_its_buffer(
     assert max(while_busy) > while_busy[0], (
         f"the checkpoint stayed at {while_busy[0]} while the buffer was busy"
     )
+
+
+async def test_a_join_whose_session_write_fails_still_gets_its_replay(redis_server: RedisServer) -> None:
+    """`joined` promises the replay that follows it: a failed session write after it (Redis
+    refused it) is reported, but must not turn the member live at the cursor without it."""
+    host = start_host("sessfail", redis_server.url, workers=1)
+    writer = reader = None
+    try:
+        writer = await Client.connect(host.ws, "writer")
+        await writer.join("sessfail-room")
+        for n in range(5):
+            await writer.request("publish", "ack", room="sessfail-room", data=n)
+        reader = await Client.connect(host.ws, "reader")
+        session = keys.session(reader.welcome["session"])
+        redis_server.cli("DEL", session)
+        redis_server.cli("SET", session, "not a hash")  # every session write now fails (WRONGTYPE)
+        joined = await reader.join("sessfail-room", since=0)
+        assert joined["seq"] == 5 and joined["recovered"] is True
+        await reader.expect("error")  # the failed session write is reported
+        replayed = await reader.wait_messages("sessfail-room", 5)
+        assert [m["seq"] for m in replayed] == [1, 2, 3, 4, 5]
+        await writer.request("publish", "ack", room="sessfail-room", data=5)
+        assert [m["seq"] for m in await reader.wait_messages("sessfail-room", 6)][5:] == [6]
+    finally:
+        for client in (writer, reader):
+            if client is not None:
+                await client.close()
+        host.stop()
