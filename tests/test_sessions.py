@@ -159,3 +159,24 @@ async def test_a_join_whose_session_write_fails_still_gets_its_replay(redis_serv
             if client is not None:
                 await client.close()
         host.stop()
+
+
+async def test_a_failed_repeated_join_closes_for_a_resume(redis_server: RedisServer) -> None:
+    """A repeated `join` takes the member off live delivery until its replay: when history
+    cannot be read, going live again at the cursor would skip what came meanwhile."""
+    host = start_host("rejoinfail", redis_server.url, workers=1)
+    reader = None
+    try:
+        reader = await Client.connect(host.ws, "reader")
+        await reader.join("rejoinfail-room")
+        await reader.request("publish", "ack", room="rejoinfail-room", data=0)
+        history = keys.room_history("rejoinfail-room")
+        redis_server.cli("DEL", history)
+        redis_server.cli("SET", history, "not a stream")  # history reads now fail (WRONGTYPE)
+        await reader.send(type="join", room="rejoinfail-room", since=0)
+        await asyncio.wait_for(reader.closed.wait(), 10)
+        assert reader.close_code == 1013
+    finally:
+        if reader is not None:
+            await reader.close()
+        host.stop()
