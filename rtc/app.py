@@ -9,24 +9,27 @@ import asyncio
 import ipaddress
 import logging
 import os
+import resource
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from rtc import hostmetrics, keys, metrics
 from rtc.api import ServerApi, add_api_routes
 from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_request
+from rtc.broker import LOST
 from rtc.broker.base import Broker
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
 from rtc.hostcount import HostConnections
+from rtc.log import describe
 from rtc.node import Node
 from rtc.protocol import (
     Direct,
@@ -36,18 +39,43 @@ from rtc.protocol import (
     Ping,
     Publish,
     Refresh,
+    Resume,
     encode,
     parse,
     request_id_of,
 )
 from rtc.ratelimit import AbuseWindow, TokenBucket
+from rtc.routing.sessions import Rejoin
 
-__all__ = ["STATE", "WorkerState", "build_app", "client_address", "drain_report", "require_admin"]
+__all__ = [
+    "DEMO_ROOMS",
+    "DEMO_TOKEN_TTL",
+    "FD_RESERVE",
+    "STATE",
+    "WorkerState",
+    "build_app",
+    "client_address",
+    "drain_report",
+    "require_admin",
+]
 
 log = logging.getLogger("rtc.app")
 
 _FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+_STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _WELCOMED = "rtc.welcomed"
+POSITIONS_WAIT = 5.0  # SPEC 4: how long a `positions=1` resume waits for the `resume` frame
+# Descriptors a worker keeps for everything but client sockets: its Redis pool (64) and
+# pub/sub, the listener, metrics files, pipes, and requests still in their handshake.
+FD_RESERVE = 256
+DEMO_TOKEN_TTL = 600  # the demo page's SDK fetches a new token before this runs out
+DEMO_ROOMS = ["demo.*"]  # plus the user's own inbox, which every token may read
+
+
+def _fd_capacity() -> int:
+    """Client sockets this worker's descriptor limit holds after the reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft - FD_RESERVE) if soft != resource.RLIM_INFINITY else 0
 
 
 @dataclass(slots=True)
@@ -67,6 +95,23 @@ class WorkerState:
     drain_task: asyncio.Task[None] | None = None
     drain_generation: int = 0  # bumped by every drain and undrain: an older drain stops
     api: ServerApi | None = None  # with --api-keys: answers the cluster's server API questions
+    # `--max-connections auto`: this worker's own bound (0: none) and the host's (0: none).
+    worker_cap: int = field(init=False, default=0)
+    host_cap: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        # auto: each worker stops at its own descriptor limit, which bounds the host too.
+        if self.settings.max_connections is None:
+            self.worker_cap = _fd_capacity()
+        else:
+            self.host_cap = self.settings.max_connections
+
+    def full(self) -> bool:
+        """No room for one more connection (503), before a descriptor runs out (EMFILE)."""
+        # Sockets still in their handshake hold descriptors too: FD_RESERVE covers them.
+        if self.worker_cap and self.open_count >= self.worker_cap:
+            return True
+        return bool(self.host_cap) and self.host_connections.total() >= self.host_cap
 
 
 STATE = web.AppKey("state", WorkerState)
@@ -90,7 +135,7 @@ def build_app(state: WorkerState) -> web.Application:
     if state.settings.api_keys:
         state.api = ServerApi(state.settings, state.node, state.broker)
         add_api_routes(app, state.api)
-    if state.settings.demo_enabled:
+    if state.settings.demo:
         app.router.add_get("/demo", demo)
         app.router.add_post("/demo/token", demo_token)
     if state.settings.conformance_echo:
@@ -142,7 +187,12 @@ def _principal(request: web.Request, verifier: Verifier) -> Principal:
 
 
 def require_admin(request: web.Request) -> None:
-    """Admin token, or loopback with no forwarding header (a local operator's curl)."""
+    """Admin token, or loopback with no forwarding header (a local operator's curl).
+
+    Loopback trust never extends to a browser: a page on any site can make the browser on
+    the host send a simple cross-site POST (no preflight), so a state-changing request that
+    carries `Origin` or `Sec-Fetch-Site: cross-site` needs the admin token itself.
+    """
     state = request.app[STATE]
     try:
         if _principal(request, state.verifier).admin:
@@ -150,9 +200,20 @@ def require_admin(request: web.Request) -> None:
     except AuthError:
         pass
     peer = request.remote or ""
-    if _is_loopback(peer) and not any(h in request.headers for h in _FORWARDING_HEADERS):
+    if (
+        _is_loopback(peer)
+        and not any(h in request.headers for h in _FORWARDING_HEADERS)
+        and not _from_browser_page(request)
+    ):
         return
     raise web.HTTPForbidden(text='{"error":"forbidden"}', content_type="application/json")
+
+
+def _from_browser_page(request: web.Request) -> bool:
+    """A state-changing request a web page made the browser send."""
+    return request.method in _STATE_CHANGING and (
+        "Origin" in request.headers or request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site"
+    )
 
 
 def _is_loopback(address: str) -> bool:
@@ -170,17 +231,23 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     settings = state.settings
     if state.draining:
         raise _reject(503, "draining", "host is draining: reconnect elsewhere")
-    if settings.max_connections and state.host_connections.total() >= settings.max_connections:
+    if state.full():
         raise _reject(503, "full", "host is full")
     origin = request.headers.get("Origin")
     if settings.allowed_origins and origin not in settings.allowed_origins:
         raise _reject(403, "origin", "origin not allowed")
+    address = client_address(request, settings)
+    # Before the token: every attempt spends one, so neither a reconnect storm nor a token
+    # guesser gets past the rate, and a refused upgrade costs no signature check.
+    if settings.connect_rate and not state.host_connections.connect_rate.take(
+        address, settings.connect_rate, settings.connect_burst, time.monotonic()
+    ):
+        raise _reject(429, "connect_rate", "too many upgrades from this address: slow down")
     try:
         principal = _principal(request, state.verifier)
     except AuthError as exc:
         log.info("handshake refused: %s", exc)
         raise _reject(401, "auth", "missing, invalid or expired token") from None
-    address = client_address(request, settings)
     if (
         settings.max_connections_per_ip
         and state.host_connections.from_address(address) >= settings.max_connections_per_ip
@@ -226,12 +293,17 @@ async def _upgrade(
     state.host_connections.set(state.slot_index, state.open_count)
     expiry = _ExpiryTimer(conn)
     try:
-        resumed = await _open_session(state, conn, request.query.get("session"))
+        positions = request.query.get("positions") == "1"
+        try:
+            resumed = await _open_session(state, conn, request.query.get("session"), positions)
+        except (ProtocolError, *LOST) as exc:  # Redis down or full: no session can be kept
+            log.warning("connection refused: Redis: %s", exc, extra={"conn": conn.id})
+            await ws.close(code=CloseCode.TRY_AGAIN, message=b"unavailable: try again later")
+            return ws
         request[_WELCOMED] = conn.welcomed = True  # from here on a drain migrates it
         state.opening -= 1
-        if resumed is not None:
-            for room, since, epoch in resumed:
-                await _run(state, conn, Join(room, since, epoch))
+        if resumed is not None and not await _rejoin(state, conn, resumed, positions):
+            return ws
         await _serve(state, conn)
     finally:
         expiry.cancel()
@@ -245,21 +317,63 @@ async def _upgrade(
 
 
 async def _open_session(
-    state: WorkerState, conn: Connection, sid: str | None
-) -> list[tuple[str, int, str]] | None:
-    """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
-    # Concurrent calls share a Redis round trip (the broker pipelines them).
-    rejoin, _ = await asyncio.gather(state.node.sessions.open(conn, sid), state.node.attach(conn))
-    conn.send(
-        encode(
-            "welcome",
-            session=conn.session,
-            user=conn.user,
-            node=state.settings.node_id,
-            resumed=rejoin is not None,
-        )
-    )
+    state: WorkerState, conn: Connection, sid: str | None, positions: bool
+) -> list[Rejoin] | None:
+    """Restore a session when asked, attach, and greet. Returns the rooms to rejoin, the
+    inbox first (always among them: it is replayed before its live frames flow)."""
+    node = state.node
+    # Concurrent calls share a Redis round trip (the broker pipelines them); the inbox
+    # membership starts after, once it is known whether the inbox is to be replayed.
+    rejoin, _ = await asyncio.gather(node.sessions.open(conn, sid), node.open_inbox(conn))
+    await node.attach(conn, held=rejoin is not None)
+    welcome: dict[str, Any] = {"resumed": rejoin is not None}
+    if positions and rejoin is not None:
+        welcome["rooms"] = sorted(room for room, _, _ in rejoin)
+    # The inbox is open, so `attach` did not wait: nothing of it can go out before `welcome`.
+    conn.send(encode("welcome", session=conn.session, user=conn.user, node=state.settings.node_id, **welcome))
     return rejoin
+
+
+async def _rejoin(
+    state: WorkerState,
+    conn: Connection,
+    rooms: list[Rejoin],
+    positions: bool,
+) -> bool:
+    """Rejoin a resumed session's rooms, from the client's positions when it sends them.
+
+    Returns False when the connection ended meanwhile.
+    """
+    given: Resume | None = None
+    first: WSMessage | None = None
+    if positions:
+        given, first = await _await_positions(conn)
+    for room, since, epoch in rooms:
+        if given is not None and room in given.rooms:
+            since, epoch = given.rooms[room], given.epochs.get(room, epoch)
+        elif since is None:  # not in the session (the inbox only): from where `attach` began
+            since = conn.checkpoint.delivered.get(room)
+        await _run(state, conn, Join(room, since, epoch))
+    return first is None or await _dispatch(state, conn, first)
+
+
+async def _await_positions(conn: Connection) -> tuple[Resume | None, WSMessage | None]:
+    """The first frame after a resumed `welcome`, for up to POSITIONS_WAIT seconds: the
+    client's positions, or (anything else) the message to handle once the rooms rejoined."""
+    try:
+        msg = await conn.ws.receive(timeout=POSITIONS_WAIT)
+    except TimeoutError:
+        return None, None
+    if msg.type is WSMsgType.TEXT:
+        try:
+            command = parse(msg.data)
+        except ProtocolError:
+            return None, msg
+        if isinstance(command, Resume):
+            metrics.MESSAGES_RECEIVED.inc()
+            _admit(conn)  # it spends a token like any frame (the first one never runs out)
+            return command, None
+    return None, msg
 
 
 class _ExpiryTimer:
@@ -287,46 +401,61 @@ class _ExpiryTimer:
 
 
 async def _serve(state: WorkerState, conn: Connection) -> None:
-    ws = conn.ws
-    while True:
-        msg = await ws.receive()
-        if msg.type is WSMsgType.TEXT:
-            await _handle(state, conn, msg.data)
-        elif msg.type is WSMsgType.BINARY:
+    while await _dispatch(state, conn, await conn.ws.receive()):
+        pass
+
+
+async def _dispatch(state: WorkerState, conn: Connection, msg: WSMessage) -> bool:
+    """Act on one incoming message; False once the connection is over."""
+    if msg.type is WSMsgType.TEXT:
+        await _handle(state, conn, msg.data)
+    elif msg.type is WSMsgType.BINARY:
+        metrics.MESSAGES_RECEIVED.inc()
+        if _admit(conn):
             conn.send_error(ErrorCode.BAD_REQUEST, "binary frames are not supported")
-        elif msg.type is WSMsgType.CLOSE:
-            # Orderly close: checkpoint first, so the client may resume elsewhere at once.
-            conn.closing = True
-            await _final_checkpoint(state, [conn])
-            await ws.close()
-            return
-        elif msg.type is WSMsgType.ERROR:  # a bad frame: aiohttp has sent 1009 or 1002
-            metrics.ERRORS.inc()
-            metrics.FRAMES_REFUSED.labels(str(getattr(msg.data, "code", 1006))).inc()
-            return
-        else:  # CLOSING (our own close), CLOSED
-            return
+    elif msg.type is WSMsgType.CLOSE:
+        # Orderly close: checkpoint first, so the client may resume elsewhere at once.
+        conn.closing = True
+        await _final_checkpoint(state, [conn])
+        await conn.ws.close()
+        return False
+    elif msg.type is WSMsgType.ERROR:  # a bad frame: aiohttp has sent 1009 or 1002
+        metrics.ERRORS.inc()
+        metrics.FRAMES_REFUSED.labels(str(getattr(msg.data, "code", 1006))).inc()
+        return False
+    else:  # CLOSING (our own close), CLOSED
+        return False
+    return True
 
 
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
     try:
         await state.node.save_final(conns)
     except Exception as exc:
-        log.warning("final session checkpoint failed: %s", exc)
+        log.warning("final session checkpoint failed: %s", describe(exc))
+
+
+def _admit(conn: Connection, text: str | None = None) -> bool:
+    """Every frame spends a token, refused ones too; a sustained flood is closed 1008.
+
+    Frames that waited in the kernel while this worker was stalled count too: the server
+    cannot tell them from a burst (docs/protocol.md). A text frame's id says which.
+    """
+    now = time.monotonic()
+    if conn.bucket.take(now):
+        return True
+    metrics.RATE_LIMIT_DENIED.inc()
+    conn.send_error(ErrorCode.RATE_LIMITED, "slow down", None if text is None else request_id_of(text))
+    if conn.abuse is None:
+        conn.abuse = AbuseWindow()
+    if conn.abuse.deny(now):
+        conn.close_soon(CloseCode.POLICY, "rate limit abuse")
+    return False
 
 
 async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     metrics.MESSAGES_RECEIVED.inc()
-    now = time.monotonic()
-    if not conn.bucket.take(now):
-        # Frames that waited in the kernel while this worker was stalled count too: the
-        # server cannot tell them from a burst (docs/protocol.md). The id says which.
-        metrics.RATE_LIMIT_DENIED.inc()
-        conn.send_error(ErrorCode.RATE_LIMITED, "slow down", request_id_of(data))
-        if conn.abuse is None:
-            conn.abuse = AbuseWindow()
-        if conn.abuse.deny(now):
-            conn.close_soon(CloseCode.POLICY, "rate limit abuse")
+    if not _admit(conn, data):
         return
     try:
         command = parse(data)
@@ -355,8 +484,15 @@ async def _run(state: WorkerState, conn: Connection, command: object) -> None:
                 await _refresh(state, conn, token, request_id)
             case Ping():
                 conn.send(encode("pong", request_id))
+            case Resume():
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, "resume is only taken as the first frame after a resumed welcome"
+                )
     except ProtocolError as exc:
         conn.send_error(exc.code, exc.message, request_id)
+    except LOST as exc:  # Redis down, or full (maxmemory, noeviction): it refused the write
+        log.warning("command failed: Redis: %s", exc, extra={"conn": conn.id})
+        conn.send_error(ErrorCode.UNAVAILABLE, "Redis unavailable", request_id)
     except Exception:
         log.exception("command failed", extra={"conn": conn.id})
         conn.send_error(ErrorCode.INTERNAL, "internal error", request_id)
@@ -382,7 +518,8 @@ async def _refresh(state: WorkerState, conn: Connection, token: str, request_id:
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     in_ring = state.node.in_ring and set(state.settings.local_slots) <= set(state.node.ring.slots)
-    redis_ok = await state.broker.ping()
+    # The worker's last known Redis state: a load balancer's check never waits on Redis.
+    redis_ok = state.node.redis_ok
     ok = in_ring and not state.draining
     status = "ok" if ok else ("draining" if state.draining else "starting")
     body = {
@@ -540,7 +677,11 @@ async def demo(request: web.Request) -> web.Response:
 
 
 async def demo_token(request: web.Request) -> web.Response:
-    """Development tokens for the demo page (only with --demo: never in production)."""
+    """Development tokens for the demo page (only with --demo: never in production).
+
+    Short-lived and confined to `demo.*` rooms (and the user's own inbox), so a demo left
+    on by mistake still mints nothing that opens a real room.
+    """
     state = request.app[STATE]
     try:
         body = await request.json(loads=orjson.loads)
@@ -556,7 +697,12 @@ async def demo_token(request: web.Request) -> web.Response:
             text='{"error":"demo needs an HMAC secret"}', content_type="application/json"
         )
     token = mint(
-        state.settings.jwt_secret, user, now=time.time(), ttl=3600, algorithm=state.settings.jwt_algorithms[0]
+        state.settings.jwt_secret,
+        user,
+        now=time.time(),
+        ttl=DEMO_TOKEN_TTL,
+        rooms=DEMO_ROOMS,
+        algorithm=state.settings.jwt_algorithms[0],
     )
     return web.json_response({"token": token}, dumps=_dumps)
 

@@ -16,7 +16,14 @@ from rtc import __version__
 from rtc.config import Settings, add_serve_arguments, settings_from
 from rtc.errors import ConfigError, ExitStatus
 
-__all__ = ["main"]
+__all__ = ["SECRET_IN_ARGV", "main"]
+
+# Workers are forked, so every one of them shows the supervisor's command line too.
+SECRET_IN_ARGV = (
+    "--jwt-secret on the command line is visible to every local user (ps, /proc/PID/cmdline) "
+    "for the supervisor and each worker: use --jwt-secret-file FILE or the jwt-secret "
+    "credential ($CREDENTIALS_DIRECTORY) instead"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,9 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         match args.command:
             case "serve":
-                return _serve(settings_from(args))
+                return _serve(settings_from(args), secret_in_argv=args.jwt_secret is not None)
             case "check-config":
                 settings = settings_from(args)
+                if args.jwt_secret is not None:
+                    print(f"rtc: warning: {SECRET_IN_ARGV}", file=sys.stderr)
                 print(
                     f"rtc: configuration ok ({settings.workers} workers on {settings.host}:{settings.port})"
                 )
@@ -103,11 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return ExitStatus.CONFIG
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, *, secret_in_argv: bool) -> int:
+    import logging
+
     from rtc.log import setup_logging
     from rtc.supervisor import Supervisor
 
     setup_logging(settings, worker="-")
+    if secret_in_argv:
+        logging.getLogger("rtc.cli").warning(SECRET_IN_ARGV)
     return Supervisor(settings).run()
 
 

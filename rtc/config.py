@@ -54,7 +54,7 @@ class Settings:
     jwt_issuer: str | None = None
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
-    max_connections: int = 0
+    max_connections: int | None = None  # None: auto, from the workers' descriptor limit
     max_connections_per_ip: int = 0
     max_message_bytes: int = 65536
     max_rooms: int = 100
@@ -72,7 +72,10 @@ class Settings:
     shutdown_timeout: float = 30.0
     worker_timeout: float = 10.0
     runtime_dir: str | None = None
-    demo: bool | None = None
+    demo: bool = False
+    redis_maxmemory: int = 256 << 20
+    connect_rate: float = 0.0
+    connect_burst: int = 200
     log_level: str = "info"
     log_format: str = "text"
     ws_heartbeat: float = 20.0
@@ -87,11 +90,6 @@ class Settings:
         return not self.redis_url and not self.redis_cluster
 
     @property
-    def demo_enabled(self) -> bool:
-        """`/demo` mints tokens, so it is on only when asked or in embedded mode."""
-        return self.embedded_redis if self.demo is None else self.demo
-
-    @property
     def local_slots(self) -> tuple[str, ...]:
         """This host's worker slot ids in the ring: `<node_id>:<index>`."""
         return tuple(f"{self.node_id}:{i}" for i in range(self.workers))
@@ -102,6 +100,24 @@ class Settings:
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _auto_int(value: str) -> int | None:
+    """An integer, or `auto` (None): the program works the value out."""
+    return None if value.strip().lower() == "auto" else int(value)
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _bytes(value: str) -> int:
+    """A size: `268435456`, `256m`, `256MiB`, `1g` (binary units, as redis.conf reads them)."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    number = text.rstrip("kmg")
+    unit = text[len(number) :]
+    if not number.isdigit() or unit not in _BYTE_UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(number) * _BYTE_UNITS[unit]
 
 
 def _api_keys(value: str) -> tuple[tuple[str, str], ...]:
@@ -176,7 +192,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("jwt_issuer", str, "required `iss` claim"),
     _Option("allowed_origins", _csv, "comma list of allowed Origin values; others get 403", default="any"),
     _Option("trusted_proxies", _csv, "CIDRs whose X-Forwarded-For names the client"),
-    _Option("max_connections", int, "per-host connection cap (0: off)"),
+    _Option(
+        "max_connections",
+        _auto_int,
+        "per-host connection cap: auto (each worker's descriptor limit less 256), N, or 0 (off); 503",
+        default="auto",
+    ),
     _Option("max_connections_per_ip", int, "per-client-address cap (0: off)"),
     _Option("max_message_bytes", int, "largest incoming frame in bytes; larger: close 1009"),
     _Option("max_rooms", int, "rooms joined per connection"),
@@ -185,7 +206,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "send_queue_bytes",
         int,
-        "per-connection outbound bound in bytes; past it the consumer is closed 1013",
+        "per-connection outbound bound in bytes; past it the consumer is closed 1013, and "
+        "history replays are paced to it",
         default="1048576 (1 MiB)",
     ),
     _Option("history_size", int, "messages kept per room and inbox for replay"),
@@ -205,9 +227,21 @@ _OPTIONS: tuple[_Option, ...] = (
         "metrics files and embedded Redis socket",
         default="$RUNTIME_DIRECTORY, else a private temporary directory",
     ),
+    _Option("demo", _bool, "serve /demo and /demo/token, which mint tokens", default="off: never implied"),
     _Option(
-        "demo", _bool, "serve /demo and /demo/token, which mint tokens", default="on with the embedded Redis"
+        "redis_maxmemory",
+        _bytes,
+        "embedded Redis only: maxmemory with noeviction (a full Redis refuses writes: unavailable)",
+        "SIZE",
+        default="256m",
     ),
+    _Option(
+        "connect_rate",
+        float,
+        "WebSocket upgrades per second per client address; over it 429",
+        default="0 (off)",
+    ),
+    _Option("connect_burst", int, "upgrade token bucket burst per client address"),
     _Option("log_level", str, "debug, info, warning or error"),
     _Option("log_format", str, "text or json"),
     _Option("ws_heartbeat", float, "WebSocket ping interval in seconds"),
@@ -275,7 +309,9 @@ and watchdog pings |
 * **Sessions:** a session can be resumed for `--session-ttl` seconds (300) after its last
   checkpoint; checkpoints are written every second while the connection lives.
 * **Send queue:** each connection may have `--send-queue-bytes` (1 MiB) written but not yet
-  taken by the kernel; a consumer past it is closed 1013.
+  taken by the kernel. A live consumer past it is closed 1013; a history replay never passes
+  it: it is read and sent a page at a time (at most half the queue's worth of the largest
+  message), as the client reads, however large.
 """
 
 
@@ -393,8 +429,9 @@ def _validate(s: Settings) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"--trusted-proxies: {cidr!r} is not a CIDR") from None
-    for name in ("max_connections", "max_connections_per_ip", "presence_events_max"):
-        _require(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("max_connections", "max_connections_per_ip", "presence_events_max", "connect_rate"):
+        value = getattr(s, name)
+        _require(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0")
     for name in (
         "max_message_bytes",
         "max_rooms",
@@ -404,6 +441,7 @@ def _validate(s: Settings) -> None:
         "history_ttl",
         "session_ttl",
         "drain_batch",
+        "connect_burst",
     ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     for name in (
@@ -415,6 +453,7 @@ def _validate(s: Settings) -> None:
         "handshake_timeout",
     ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+    _require(s.redis_maxmemory >= 1 << 20, "--redis-maxmemory must be at least 1 MiB")
     _require(s.log_level in {"debug", "info", "warning", "error"}, f"--log-level: {s.log_level!r}")
     _require(s.log_format in {"text", "json"}, f"--log-format: {s.log_format!r} is not text or json")
     if s.runtime_dir is not None:

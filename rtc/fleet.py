@@ -24,6 +24,7 @@ from rtc.errors import ExitStatus
 
 __all__ = [
     "BACKOFF_CAP",
+    "RETIRE_GRACE",
     "STABLE_AFTER",
     "STEP_TIMEOUT",
     "Effect",

@@ -34,6 +34,7 @@ from rtc.fleet import Effect, Exit, Fleet, Join, Kill, Log, Notify, Phase, Spawn
 from rtc.hostcount import HostConnections
 from rtc.lifeline import die_with_parent
 from rtc.metrics_port import MetricsPort
+from rtc.runtimedir import claim
 from rtc.sdnotify import Notifier
 
 if TYPE_CHECKING:
@@ -109,10 +110,9 @@ class Supervisor:
         self._sockets = [self._listen(LISTEN_BACKLOG) for _ in range(self.settings.workers)]
         self._connections = HostConnections(self.settings.workers)
         if self.settings.embedded_redis:
-            self._redis = EmbeddedRedis(self._runtime)
+            self._redis = EmbeddedRedis(self._runtime, self.settings.redis_maxmemory)
             self._redis.start()
         self.settings = self.settings.with_changes(
-            demo=self.settings.demo_enabled,  # decided by the settings as given, not by the URL below
             runtime_dir=str(self._runtime),
             redis_url=self.settings.redis_url or (self._redis.url if self._redis else None),
         )
@@ -130,15 +130,19 @@ class Supervisor:
         self._apply(self._fleet.start(time.monotonic()))
 
     def _runtime_dir(self) -> Path:
+        """Ours alone and locked for this host's life (the lock's descriptor stays open)."""
         if self.settings.runtime_dir:
             path = Path(self.settings.runtime_dir)
             try:
                 path.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._runtime_lock = claim(path)
             except OSError as exc:
-                raise ConfigError(f"--runtime-dir: cannot create {path}: {exc.strerror}") from None
+                raise ConfigError(f"--runtime-dir: cannot use {path}: {exc.strerror}") from None
             return path
         self._own_runtime = True
-        return Path(tempfile.mkdtemp(prefix="rtc-"))
+        path = Path(tempfile.mkdtemp(prefix="rtc-"))
+        self._runtime_lock = claim(path)
+        return path
 
     def _probe_port(self) -> None:
         """A plain bind (no SO_REUSEPORT) fails if any other program holds the port."""

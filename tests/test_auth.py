@@ -348,6 +348,36 @@ def test_may_join_globs() -> None:
     assert principal.may_join("room1") and not principal.may_join("room12")
 
 
+# The examples of docs/security.md ("The `rooms` claim: how a pattern matches"), verbatim.
+DOCUMENTED = [
+    ("chat.*", "chat.general", True),
+    ("chat.*", "chat.eu.paris", True),  # `*` crosses `.`: there is no one-level wildcard
+    ("chat.*", "chat.", True),  # `*` matches nothing too
+    ("chat.*", "chat", False),
+    ("chat.*", "Chat.general", False),  # case-sensitive
+    ("chat.*", "xchat.general", False),  # anchored: the whole id must match
+    ("*.public", "a.b.public", True),
+    ("team-?", "team-a", True),
+    ("team-?", "team-ab", False),
+    ("news.[abc]*", "news.b1", True),
+    ("news.[abc]*", "news.d1", False),
+    ("[!_]*", "_internal", False),
+    ("a[*]b", "a*b", True),  # a literal `*`: no backslash escapes
+    ("a[*]b", "axb", False),
+    ("*", "@bob", False),  # no pattern ever opens another user's inbox
+]
+
+
+@pytest.mark.parametrize("pattern,room,allowed", DOCUMENTED)
+def test_rooms_patterns_match_as_documented(pattern: str, room: str, allowed: bool) -> None:
+    assert Principal("alice", 0, (pattern,)).may_join(room) is allowed
+
+
+def test_empty_rooms_claim_allows_only_the_own_inbox() -> None:
+    principal = Principal("alice", 0, ())
+    assert not principal.may_join("lobby") and principal.may_join("@alice")
+
+
 def test_no_rooms_claim_allows_every_room() -> None:
     assert Principal("alice", 0).may_join("anything/at:all")
 

@@ -83,7 +83,7 @@ async def received(recorder: Recorder, count: int) -> dict[bytes, list[bytes]]:
 def test_cluster_seeds_are_redis_urls_and_exclude_a_single_server() -> None:
     chosen = settings("--redis-cluster", "redis://10.0.0.1:7000, redis://:secret@10.0.0.2")
     assert chosen.redis_cluster == ("redis://10.0.0.1:7000", "redis://:secret@10.0.0.2")
-    assert not chosen.embedded_redis and not chosen.demo_enabled
+    assert not chosen.embedded_redis and not chosen.demo
     for bad in ("rediss://h:7000", "redis://h:port", "redis://h:7000/2", "redis://:7000"):
         assert config_error("--redis-cluster", bad).startswith("--redis-cluster"), bad
     both = config_error("--redis-cluster", "redis://h:7000", "--redis-url", "redis://h:6379")

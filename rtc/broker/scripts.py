@@ -2,9 +2,14 @@
 
 Each script touches only keys of one room (one hash tag), so it is atomic on a single
 server and valid on Redis Cluster; SEQUENCE takes several rooms, which a cluster broker
-only gives it when they share a hash slot. The scripts that fan out publish to the room's channel,
-which carries the same hash tag: with PUBLISH on one server, with SPUBLISH (legal in a
-script whose keys share the channel's slot) on Redis Cluster. `texts` fills that in.
+only gives it when they share a hash slot. The scripts that fan out publish to the room's
+channel, which carries the same hash tag: with PUBLISH on one server, with SPUBLISH (legal
+in a script whose keys share the channel's slot) on Redis Cluster. `texts` fills that in.
+
+Redis checks `maxmemory` once per script, at its first write, and only if that write may
+grow memory (HSET, HINCRBY; not DEL or EXPIRE). So each script that adds data writes such
+a command first, and a full Redis (`noeviction`) refuses the whole script; one script that
+started may still pass the limit by what it writes (a SEQUENCE batch).
 """
 
 from __future__ import annotations
@@ -15,15 +20,15 @@ __all__ = ["texts"]
 
 # Ensures the room has an epoch and returns it. A room whose meta is gone (never used,
 # expired, or Redis lost its data) gets a fresh epoch and an empty history, so a resume
-# can tell "recovered" from "gap".
+# can tell "recovered" from "gap". HSET before DEL: the first write is the maxmemory check.
 _ENSURE_EPOCH = """
 local function ensure_epoch(meta, log)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     local t = redis.call('TIME')
     epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-    redis.call('DEL', log)
     redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+    redis.call('DEL', log)
   end
   return epoch
 end
