@@ -39,6 +39,7 @@ from rtc.protocol import (
     encode_error,
     inbox,
     parse,
+    request_id_of,
 )
 from rtc.ratelimit import AbuseWindow, TokenBucket
 
@@ -64,6 +65,7 @@ class WorkerState:
     opening: int = 0  # upgrades accepted whose `welcome` is not sent yet
     open_count: int = 0
     drain_task: asyncio.Task[None] | None = None
+    drain_generation: int = 0  # bumped by every drain and undrain: an older drain stops
     api: ServerApi | None = None  # with --api-keys: answers the cluster's server API questions
 
 
@@ -331,8 +333,10 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     metrics.MESSAGES_RECEIVED.inc()
     now = time.monotonic()
     if not conn.bucket.take(now):
+        # Frames that waited in the kernel while this worker was stalled count too: the
+        # server cannot tell them from a burst (docs/protocol.md). The id says which.
         metrics.RATE_LIMIT_DENIED.inc()
-        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down")
+        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down", request_id_of(data))
         if conn.abuse is None:
             conn.abuse = AbuseWindow()
         if conn.abuse.deny(now):
@@ -341,7 +345,7 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     try:
         command = parse(data)
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message)
+        _send_error(conn, exc.code, exc.message, exc.request_id)
         return
     await _run(state, conn, command)
 

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from rtc import __version__
 from rtc.config import Settings, add_serve_arguments, settings_from
-from rtc.errors import ConfigError
+from rtc.errors import ConfigError, ExitStatus
 
 __all__ = ["main"]
 
@@ -94,11 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
     except ConfigError as exc:
         print(f"rtc: {exc}", file=sys.stderr)
-        return 2
+        return ExitStatus.CONFIG
     except (urllib.error.URLError, OSError) as exc:
         print(f"rtc: {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
-        return 1
-    return 2
+        return ExitStatus.FAILURE
+    return ExitStatus.CONFIG
 
 
 def _serve(settings: Settings) -> int:
@@ -172,4 +172,4 @@ def _drain(url: str, timeout: float, token: str | None) -> int:
             return 0
         time.sleep(0.5)
     print("rtc: drain did not finish in time", file=sys.stderr)
-    return 1
+    return ExitStatus.FAILURE

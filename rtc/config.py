@@ -70,6 +70,7 @@ class Settings:
     drain_batch: int = 500
     drain_interval: float = 0.1
     shutdown_timeout: float = 30.0
+    worker_timeout: float = 10.0
     runtime_dir: str | None = None
     demo: bool | None = None
     log_level: str = "info"
@@ -167,6 +168,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("drain_batch", int, "connections closed per drain step"),
     _Option("drain_interval", float, "seconds between drain steps"),
     _Option("shutdown_timeout", float, "seconds a graceful stop may take"),
+    _Option("worker_timeout", float, "seconds a worker's loop may go silent before it is replaced"),
     _Option("runtime_dir", str, "metrics files and embedded Redis socket"),
     _Option("demo", _bool, "serve /demo, which mints tokens (default: on when embedded)"),
     _Option("log_level", str, "debug, info, warning or error"),
@@ -316,7 +318,14 @@ def _validate(s: Settings) -> None:
         "drain_batch",
     ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
-    for name in ("rate", "drain_interval", "shutdown_timeout", "ws_heartbeat", "handshake_timeout"):
+    for name in (
+        "rate",
+        "drain_interval",
+        "shutdown_timeout",
+        "worker_timeout",
+        "ws_heartbeat",
+        "handshake_timeout",
+    ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     _require(s.log_level in {"debug", "info", "warning", "error"}, f"--log-level: {s.log_level!r}")
     _require(s.log_format in {"text", "json"}, f"--log-format: {s.log_format!r} is not text or json")

@@ -7,7 +7,6 @@ the kernel if the supervisor dies (PR_SET_PDEATHSIG), so it never outlives it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -17,17 +16,17 @@ import time
 from pathlib import Path
 
 from rtc.errors import ConfigError
+from rtc.lifeline import die_with_parent
 
 __all__ = ["EmbeddedRedis"]
 
-_PR_SET_PDEATHSIG = 1
 _START_TIMEOUT = 10.0
 
 
 def _die_with_parent() -> None:
     """Runs in the child between fork and exec."""
     os.setpgrp()
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
 
 
 class EmbeddedRedis:

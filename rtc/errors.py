@@ -9,6 +9,7 @@ __all__ = [
     "CloseCode",
     "ConfigError",
     "ErrorCode",
+    "ExitStatus",
     "ProtocolError",
 ]
 
@@ -37,13 +38,24 @@ class CloseCode(enum.IntEnum):
     DISCONNECTED = 4003  # closed by the server API (`/api/disconnect`): SDKs do not reconnect
 
 
+class ExitStatus(enum.IntEnum):
+    """Exit statuses of `rtc` (docs/operations.md): systemd and scripts branch on them."""
+
+    OK = 0
+    FAILURE = 1  # `rtc drain`/`status` could not reach the host, or the drain did not finish
+    CONFIG = 2  # a bad setting: one line on stderr
+    BOOT_FAILED = 3  # a worker could not start on the first boot
+    STOP_OVERRAN = 4  # workers did not stop within --shutdown-timeout and were killed
+
+
 class ProtocolError(Exception):
     """A client frame that cannot be served; becomes an `error` frame, never a close."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, request_id: str | int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.request_id = request_id  # the frame's `id` when it had a valid one: echoed
 
 
 class AuthError(Exception):

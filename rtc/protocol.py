@@ -31,6 +31,7 @@ __all__ = [
     "inbox",
     "message_halves",
     "parse",
+    "request_id_of",
     "wire_text",
 ]
 
@@ -93,17 +94,42 @@ Command = Join | Leave | Publish | Direct | Members | Refresh | Ping
 
 
 def parse(frame: str | bytes) -> Command:
-    """One client text frame to a command. Raises ProtocolError with the reply's code."""
+    """One client text frame to a command. Raises ProtocolError with the reply's code.
+
+    The error carries the frame's `id` whenever the frame is an object with a valid one,
+    so the client can tell which of its frames was refused.
+    """
+    obj = _object(frame)
+    request_id = _request_id(obj)
+    try:
+        return _command(obj, request_id)
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+
+
+def request_id_of(frame: str | bytes) -> RequestId:
+    """The frame's valid `id`, or None: for replies to frames that are not parsed (rate limited)."""
+    try:
+        return _request_id(_object(frame))
+    except ProtocolError:
+        return None
+
+
+def _object(frame: str | bytes) -> dict[str, Any]:
     try:
         obj = orjson.loads(frame)
     except orjson.JSONDecodeError:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
+    return obj
+
+
+def _command(obj: dict[str, Any], request_id: RequestId) -> Command:
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'type' must be a string")
-    request_id = _request_id(obj)
     match kind:
         case "join":
             since = obj.get("since")

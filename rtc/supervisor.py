@@ -9,7 +9,6 @@ the signal; the loop acts on it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -31,56 +30,35 @@ from typing import TYPE_CHECKING
 from rtc.config import Settings
 from rtc.embedded_redis import EmbeddedRedis
 from rtc.errors import ConfigError
+from rtc.fleet import Effect, Exit, Fleet, Join, Kill, Log, Notify, Phase, Spawn, Terminate
 from rtc.hostcount import HostConnections
+from rtc.lifeline import die_with_parent
+from rtc.metrics_port import MetricsPort
 from rtc.sdnotify import Notifier
 
 if TYPE_CHECKING:
     from rtc.worker import WorkerSpec
 
-__all__ = ["EXIT_BOOT_FAILED", "Supervisor"]
+__all__ = ["Supervisor"]
 
 log = logging.getLogger("rtc.supervisor")
 
-EXIT_BOOT_FAILED = 3
-_EXIT_CONFIG = 2
 _LISTEN_BACKLOG = 4096
-_ROLL_STEP_TIMEOUT = 60.0
-_BACKOFF_CAP = 30.0
-_STABLE_AFTER = 60.0  # a worker that lived this long resets the restart backoff
-_PR_SET_PDEATHSIG = 1
 
 WorkerTarget = Callable[["WorkerSpec"], int]
 
 
 @dataclass(slots=True)
 class _Child:
-    """One worker process and what the supervisor knows of it."""
+    """One worker process: the fleet's id for it, and what it reported on its pipe."""
 
+    id: int
     slot: int
     pid: int
     report: int  # read end of the worker's report pipe
-    started: float
-    listening: bool = False
-    ready: bool = False
-    retiring: bool = False
     failure: str = ""  # why it could not start, as it reported
     buffer: bytes = b""
-
-
-@dataclass(slots=True)
-class _Roll:
-    """A rolling restart in progress: slots still to replace, and the current step."""
-
-    pending: list[int]
-    replacement: _Child | None = None
-    old: _Child | None = None
-    step_started: float = 0.0
-
-
-@dataclass(slots=True)
-class _SlotState:
-    failures: int = 0
-    restart_at: float = 0.0
+    code: int | None = None  # its exit status, once reaped
 
 
 @dataclass
@@ -91,18 +69,19 @@ class Supervisor:
 
     def __post_init__(self) -> None:
         self._signals: list[int] = []
-        self._children: dict[int, _Child] = {}  # pid -> child
-        self._slots: dict[int, _SlotState] = {}
+        self._children: dict[int, _Child] = {}  # fleet id -> child
+        self._fleet = Fleet(
+            self.settings.workers, self.settings.shutdown_timeout, self.settings.worker_timeout
+        )
         self._sockets: list[socket.socket] = []
         self._selector = selectors.DefaultSelector()
         self._notifier = Notifier(self.settings.notify_socket)
         self._redis: EmbeddedRedis | None = None
         self._runtime: Path | None = None
         self._own_runtime = False
-        self._metrics_sock: socket.socket | None = None
+        self._metrics: MetricsPort | None = None
         self._booted = False
-        self._stopping = False
-        self._roll: _Roll | None = None
+        self._exit: int | None = None
         self._wakeup_r = self._wakeup_w = -1
         self._next_status = 0.0
         self._next_watchdog = 0.0
@@ -137,8 +116,7 @@ class Supervisor:
             redis_url=self.settings.redis_url or (self._redis.url if self._redis else None),
         )
         if self.settings.metrics_port:
-            self._metrics_sock = self._bind_metrics()
-            self._selector.register(self._metrics_sock, selectors.EVENT_READ, "metrics")
+            self._metrics = MetricsPort(self._bind_metrics(), self._selector, _metrics_text, time.monotonic)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -148,9 +126,7 @@ class Supervisor:
             from rtc.worker import run_worker  # imports prometheus_client: only now
 
             self.target = run_worker
-        for slot in range(self.settings.workers):
-            self._slots[slot] = _SlotState()
-            self._spawn(slot, join_ring_now=True)
+        self._apply(self._fleet.start(time.monotonic()))
 
     def _runtime_dir(self) -> Path:
         if self.settings.runtime_dir:
@@ -197,7 +173,7 @@ class Supervisor:
 
     # -- workers ------------------------------------------------------------------------------
 
-    def _spawn(self, slot: int, *, join_ring_now: bool) -> _Child:
+    def _spawn(self, worker: int, slot: int, *, join_ring_now: bool) -> None:
         from rtc.worker import WorkerSpec
 
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -223,27 +199,27 @@ class Supervisor:
                 os._exit(status)
         os.close(write_end)
         os.set_blocking(read_end, False)
-        child = _Child(slot, pid, read_end, time.monotonic())
-        self._children[pid] = child
+        child = _Child(worker, slot, pid, read_end)
+        self._children[worker] = child
         self._selector.register(read_end, selectors.EVENT_READ, child)
-        return child
 
     def _become_worker(self, slot: int, own_report: int) -> None:
         """In the child: drop the supervisor's descriptors, die with the supervisor."""
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        die_with_parent(signal.SIGTERM)
         os.close(own_report)
         self._selector.close()
         for fd in (self._wakeup_r, self._wakeup_w):
             os.close(fd)
         for child in self._children.values():
             os.close(child.report)
-        if self._metrics_sock is not None:
-            self._metrics_sock.close()
+        if self._metrics is not None:
+            self._metrics.forget()
         for index, sock in enumerate(self._sockets):
             if index != slot:
                 sock.close()
 
     def _on_report(self, child: _Child) -> None:
+        """Lines from a worker's pipe: `listening`, `ready`, `alive`, `fail <why>`."""
         try:
             data = os.read(child.report, 4096)
         except BlockingIOError:
@@ -254,131 +230,97 @@ class Supervisor:
             return
         child.buffer += data
         *lines, child.buffer = child.buffer.split(b"\n")
+        now = time.monotonic()
         for line in lines:
-            if line == b"listening":
-                child.listening = True
+            if line == b"alive":
+                self._apply(self._fleet.alive(child.id, now))
+            elif line == b"listening":
+                self._apply(self._fleet.listening(child.id, now))
             elif line == b"ready":
-                child.listening = child.ready = True
+                self._apply(self._fleet.ready(child.id, now))
             elif line.startswith(b"fail "):
                 child.failure = line[5:].decode(errors="replace")
-        if not self._booted and self._all_ready():
-            self._booted = True
-            self._notifier.notify("READY=1", self._status_line())
-            log.info(
-                "rtc %s serving on %s:%d with %d workers (runtime %s, redis %s)",
-                self.settings.node_id,
-                self.settings.host,
-                self.settings.port,
-                self.settings.workers,
-                self._runtime,
-                "embedded" if self._redis else "external",
-            )
 
-    def _all_ready(self) -> bool:
-        ready = {c.slot for c in self._children.values() if c.ready and not c.retiring}
-        return ready == set(range(self.settings.workers))
-
-    def _reap(self) -> int | None:
-        """Collect dead workers. Returns an exit status when the supervisor must halt."""
-        for pid, child in list(self._children.items()):
+    def _reap(self) -> None:
+        """Collect dead workers and tell the fleet."""
+        for child in list(self._children.values()):
             try:
-                done, status = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(child.pid, os.WNOHANG)
             except ChildProcessError:
-                done, status = pid, 0
+                done, status = child.pid, 0
             if done == 0:
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            del self._children[pid]
             self._on_report(child)  # what it said last, e.g. why it could not start
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(child.report)
             os.close(child.report)
-            self._mark_dead(pid)
-            if self._stopping or child.retiring:
-                log.debug("worker %d (pid %d) exited %d", child.slot, pid, code)
-                self._on_retired(child)
-                continue
-            if not self._booted:
-                # The first boot failed: one clear line, no crash loop.
-                reason = child.failure or f"worker {child.slot} failed to start (exit {code})"
-                print(f"rtc: {reason}", file=sys.stderr, flush=True)
-                return _EXIT_CONFIG if code == _EXIT_CONFIG else EXIT_BOOT_FAILED
-            self._schedule_restart(child, code)
-        return None
+            self._mark_dead(child.pid)
+            child.code = os.waitstatus_to_exitcode(status)
+            log.debug("worker %d (pid %d) exited %d", child.slot, child.pid, child.code)
+            self._apply(self._fleet.exited(child.id, child.code, time.monotonic()))
+            del self._children[child.id]
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
-    def _schedule_restart(self, child: _Child, code: int) -> None:
-        state = self._slots[child.slot]
-        lived = time.monotonic() - child.started
-        state.failures = 1 if lived > _STABLE_AFTER else state.failures + 1
-        delay = 0.0 if state.failures == 1 else min(_BACKOFF_CAP, 0.5 * 2 ** (state.failures - 2))
-        state.restart_at = time.monotonic() + delay
-        log.warning(
-            "worker %d (pid %d) died (exit %d); restarting in %.1fs", child.slot, child.pid, code, delay
-        )
-        from rtc import metrics
+    def _apply(self, effects: list[Effect]) -> None:
+        """Carry out what the fleet decided."""
+        for effect in effects:
+            match effect:
+                case Spawn(worker, slot, join_ring, restart):
+                    self._spawn(worker, slot, join_ring_now=join_ring)
+                    if restart:
+                        from rtc import metrics
 
-        metrics.WORKER_RESTARTS.inc()
-        if self._roll is not None and self._roll.replacement is child:
-            self._roll.replacement = None  # the roll step restarts the slot itself
+                        metrics.WORKER_RESTARTS.inc()
+                case Terminate(worker):
+                    self._signal(worker, signal.SIGTERM)
+                case Kill(worker):
+                    self._signal(worker, signal.SIGKILL)
+                case Join(worker):
+                    self._signal(worker, signal.SIGUSR1)  # join the ring now
+                case Notify(state):
+                    self._notify(state)
+                case Log(level, message, worker):
+                    child = self._children.get(worker) if worker is not None else None
+                    if child is not None:
+                        why = f": {child.failure}" if child.failure else ""
+                        message = f"{message} (pid {child.pid}{why})"
+                    log.log(level, "%s", message)
+                case Exit(status, failed):
+                    if failed is not None:  # the first boot failed: one clear line
+                        child = self._children[failed]
+                        reason = child.failure or f"worker {child.slot} failed to start (exit {child.code})"
+                        print(f"rtc: {reason}", file=sys.stderr, flush=True)
+                    self._exit = status
 
-    def _restart_due(self) -> None:
-        now = time.monotonic()
-        alive = {c.slot for c in self._children.values() if not c.retiring}
-        for slot, state in self._slots.items():
-            if slot not in alive and state.restart_at and now >= state.restart_at:
-                state.restart_at = 0.0
-                self._spawn(slot, join_ring_now=True)
+    def _signal(self, worker: int, signum: int) -> None:
+        child = self._children.get(worker)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
 
-    # -- rolling restart --------------------------------------------------------------------------
-
-    def _start_roll(self) -> None:
-        if self._roll is not None:
-            log.info("SIGHUP during a rolling restart: the restart continues")
-            return
-        log.info("rolling restart of %d workers", self.settings.workers)
-        self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        self._roll = _Roll(pending=list(range(self.settings.workers)))
-
-    def _advance_roll(self) -> None:
-        """One slot at a time: replacement listening, then the old one drains and leaves,
-        then the replacement joins the ring."""
-        roll = self._roll
-        if roll is None:
-            return
-        now = time.monotonic()
-        if roll.replacement is None:
-            if roll.old is not None:
-                return  # waiting for the old worker to exit
-            if not roll.pending:
-                self._roll = None
-                self._notifier.notify("READY=1", self._status_line())
-                log.info("rolling restart done")
-                return
-            slot = roll.pending.pop(0)
-            roll.old = next((c for c in self._children.values() if c.slot == slot and not c.retiring), None)
-            roll.replacement = self._spawn(slot, join_ring_now=roll.old is None)
-            roll.step_started = now
-            return
-        if roll.old is not None and not roll.old.retiring and roll.replacement.listening:
-            roll.old.retiring = True
-            os.kill(roll.old.pid, signal.SIGTERM)
-        elif roll.old is None and roll.replacement.ready:
-            roll.replacement = None
-        elif now - roll.step_started > _ROLL_STEP_TIMEOUT:
-            log.error("rolling restart of slot %d timed out", roll.replacement.slot)
-            roll.replacement = None
-
-    def _on_retired(self, child: _Child) -> None:
-        roll = self._roll
-        if roll is not None and roll.old is child:
-            roll.old = None
-            if roll.replacement is not None and roll.replacement.pid in self._children:
-                os.kill(roll.replacement.pid, signal.SIGUSR1)  # join the ring now
+    def _notify(self, state: str) -> None:
+        if state == "READY":
+            self._notifier.notify("READY=1", self._status_line())
+            if not self._booted:
+                self._booted = True
+                log.info(
+                    "rtc %s serving on %s:%d with %d workers (runtime %s, redis %s)",
+                    self.settings.node_id,
+                    self.settings.host,
+                    self.settings.port,
+                    self.settings.workers,
+                    self._runtime,
+                    "embedded" if self._redis else "external",
+                )
+        elif state == "RELOADING":
+            self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        else:
+            log.info("draining workers")
+            self._notifier.notify(f"{state}=1")
 
     # -- loop ----------------------------------------------------------------------------------------
 
@@ -386,58 +328,33 @@ class Supervisor:
         self._signals.append(signum)
 
     def _loop(self) -> int:
-        deadline = 0.0
-        while True:
-            for key, _ in self._selector.select(timeout=0.25):
+        while self._exit is None:
+            for key, mask in self._selector.select(timeout=0.25):
                 if key.data == "signal":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wakeup_r, 512)
-                elif key.data == "metrics":
-                    self._serve_metrics()
-                else:
+                elif isinstance(key.data, _Child):
                     self._on_report(key.data)
+                else:
+                    key.data(mask)  # the metrics port
+            if self._metrics is not None:
+                self._metrics.expire()
             signals, self._signals = self._signals, []
             for signum in signals:
-                if signum in (signal.SIGTERM, signal.SIGINT) and not self._stopping:
-                    deadline = self._begin_stop(signum)
-                elif signum == signal.SIGHUP and not self._stopping:
-                    self._start_roll()
-            halt = self._reap()
-            if halt is not None:
-                return halt
-            if self._stopping:
-                if not self._children:
-                    log.info("stopped")
-                    return 0
-                if time.monotonic() > deadline:
-                    self._kill_remaining()
-                    return 0
-                continue
-            if self._redis is not None and self._redis.died():
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("%s received", signal.Signals(signum).name)
+                    self._apply(self._fleet.stop(time.monotonic()))
+                elif signum == signal.SIGHUP:
+                    self._apply(self._fleet.hup(time.monotonic()))
+            self._reap()
+            if self._exit is not None:
+                break
+            self._apply(self._fleet.tick(time.monotonic()))
+            if self._redis is not None and self._redis.died() and self._fleet.phase is not Phase.STOPPING:
                 log.error("embedded redis-server died; restarting it (history is lost)")
                 self._redis.restart()
-            self._restart_due()
-            self._advance_roll()
             self._heartbeat_systemd()
-
-    def _begin_stop(self, signum: int) -> float:
-        log.info("%s: draining workers", signal.Signals(signum).name)
-        self._stopping = True
-        self._notifier.notify("STOPPING=1")
-        for child in self._children.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
-        return time.monotonic() + self.settings.shutdown_timeout
-
-    def _kill_remaining(self) -> None:
-        for pid in list(self._children):
-            log.warning("worker pid %d did not stop in time: killed", pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            self._mark_dead(pid)
-        self._children.clear()
+        return self._exit
 
     def _heartbeat_systemd(self) -> None:
         if not self._notifier.enabled:
@@ -453,37 +370,13 @@ class Supervisor:
     def _status_line(self) -> str:
         from rtc import hostmetrics
 
-        ready = sum(1 for c in self._children.values() if c.ready and not c.retiring)
+        ready = self._fleet.ready_count()
         active = hostmetrics.snapshot()["active_connections"]
         return f"STATUS={ready}/{self.settings.workers} workers ready, {active} connections"
 
-    def _serve_metrics(self) -> None:
-        """One short blocking exchange per scrape: the supervisor has nothing else to wait on."""
-        assert self._metrics_sock is not None
-        try:
-            conn, _ = self._metrics_sock.accept()
-        except BlockingIOError:
-            return
-        from rtc import hostmetrics
-
-        with conn:
-            conn.settimeout(1.0)
-            try:
-                request = conn.recv(8192)
-                if not request.startswith(b"GET "):
-                    conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-                    return
-                body = hostmetrics.prometheus_text()
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; "
-                    b"charset=utf-8\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-                )
-            except OSError:
-                pass
-
     def _cleanup(self) -> None:
-        if self._children:
-            self._stopping = True
+        if self._children:  # a failed boot or an exception: stop what is left, bounded
+            self._fleet.abandon()
             for child in self._children.values():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGTERM)
@@ -491,15 +384,28 @@ class Supervisor:
             while self._children and time.monotonic() < end:
                 self._reap()
                 time.sleep(0.05)
-            self._kill_remaining()
+            for child in self._children.values():
+                log.warning("worker %d (pid %d) did not stop in time: killed", child.slot, child.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
+                self._mark_dead(child.pid)
+            self._children.clear()
         if self._redis is not None:
             self._redis.stop()
         for sock in self._sockets:
             sock.close()
-        if self._metrics_sock is not None:
-            self._metrics_sock.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._own_runtime and self._runtime is not None:
             shutil.rmtree(self._runtime, ignore_errors=True)
+
+
+def _metrics_text() -> bytes:
+    from rtc import hostmetrics  # imports prometheus_client: only once its directory is set
+
+    return hostmetrics.prometheus_text()
 
 
 def _family(host: str) -> socket.AddressFamily:

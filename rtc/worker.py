@@ -2,7 +2,9 @@
 
 Boot order: routing node (Redis reachable), HTTP site on the slot's socket, then the
 ring (at once on first boot; on a rolling restart only when the supervisor says the
-old worker of this slot has left). It reports `ready` on its pipe to the supervisor.
+old worker of this slot has left). It reports `ready` on its pipe to the supervisor,
+and `alive` from its event loop every second or so: a worker that goes silent for
+`--worker-timeout` is hung, and the supervisor kills and replaces it.
 """
 
 from __future__ import annotations
@@ -29,18 +31,18 @@ from rtc.auth import Verifier
 from rtc.broker import SlotTaken
 from rtc.config import Settings
 from rtc.connection import Connection
-from rtc.errors import CloseCode
+from rtc.errors import CloseCode, ExitStatus
 from rtc.hostcount import HostConnections
 from rtc.log import redact, setup_logging
 from rtc.node import Node
 from rtc.protocol import encode
 
-__all__ = ["EXIT_CONFIG", "WorkerSpec", "run_worker"]
+__all__ = ["WorkerSpec", "drain_connections", "run_worker"]
 
 log = logging.getLogger("rtc.worker")
 
-EXIT_CONFIG = 2  # a setting is wrong (Redis unreachable, duplicate --node-id): exit 2
 _CLOSE_TIMEOUT = 5.0
+_ALIVE_EVERY = 1.0  # at most; a short --worker-timeout gets four reports per timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,8 @@ class _Worker:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        os.set_blocking(self.spec.report_fd, False)  # a stalled supervisor never blocks the loop
+        self._report_alive()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGUSR1, self.join_ring.set)
         if self.spec.join_ring_now:
@@ -143,7 +147,7 @@ class _Worker:
         site = web.SockSite(runner, self.spec.sock)
         await site.start()
         try:
-            await self._enter_ring(node)
+            joined = await self._enter_ring(node)
         except SlotTaken:
             await runner.cleanup()
             await node.close()
@@ -151,49 +155,72 @@ class _Worker:
                 f"slot {self.slot} is held by another live host: is --node-id "
                 f"{self.settings.node_id} used twice?"
             )
-        node.spawn(node.maintain())
-        node.spawn(node.checkpoint_forever())
-        drain = await node.broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
-        if "active" in drain:
-            self._on_control(state, b"drain")
-        os.write(self.spec.report_fd, b"ready\n")
-        log.info("worker %s serving as slot %s", self.label, self.slot)
+        if joined:
+            node.spawn(node.maintain())
+            node.spawn(node.checkpoint_forever())
+            drain = await node.broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
+            if "active" in drain:
+                self._on_control(state, b"drain")
+            self._report(b"ready")
+            log.info("worker %s serving as slot %s", self.label, self.slot)
 
         await self.stop.wait()
         log.info("worker %s stopping", self.label)
+        state.drain_generation += 1  # a host drain in progress gives way to this one
         # Stop accepting first: the slot's socket stays open in the supervisor (and in a
         # replacement), so connections keep queueing there instead of being refused.
         await site.stop()
         await _settle_accepted(runner, state)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(1.0, self.settings.shutdown_timeout - 2.0)):
-                await drain_connections(state, report=False, refuse_upgrades=False)
+                await drain_connections(state, host=False)
         await node.leave_ring()
         await runner.cleanup()
         await node.close()
         return 0
 
+    def _report(self, line: bytes) -> None:
+        """One line to the supervisor; if its pipe is full the supervisor is stuck, not us."""
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self.spec.report_fd, line + b"\n")
+
+    def _report_alive(self) -> None:
+        """A timer, not a task: it fires only while the event loop turns."""
+        self._report(b"alive")
+        every = min(_ALIVE_EVERY, self.settings.worker_timeout / 4)
+        asyncio.get_running_loop().call_later(every, self._report_alive)
+
     def _fail(self, reason: str) -> int:
         """Tell the supervisor why this worker cannot start; it says so once, and exits 2."""
-        os.write(self.spec.report_fd, b"fail " + reason.replace("\n", " ").encode() + b"\n")
-        return EXIT_CONFIG
+        self._report(b"fail " + reason.replace("\n", " ").encode())
+        return ExitStatus.CONFIG
 
-    async def _enter_ring(self, node: Node) -> None:
+    async def _enter_ring(self, node: Node) -> bool:
+        """Join the ring, on a rolling restart once told to; False if told to stop first."""
         await node.heartbeat()
         if not self.join_ring.is_set():
-            os.write(self.spec.report_fd, b"listening\n")
-            await self.join_ring.wait()
+            self._report(b"listening")
+            told = [asyncio.ensure_future(event.wait()) for event in (self.join_ring, self.stop)]
+            await asyncio.wait(told, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in told:
+                waiter.cancel()
+            if self.stop.is_set():
+                return False
         await node.join_ring()
         while not set(self.settings.local_slots) <= set(node.ring.slots):
             await asyncio.sleep(0.05)  # siblings still booting: ready means they are in our view
             await node.heartbeat()
+        return True
 
     def _on_control(self, state: WorkerState, command: bytes) -> None:
-        if command == b"drain" and state.drain_task is None:
-            state.drain_task = asyncio.get_running_loop().create_task(drain_connections(state))
+        """A host drain starts unless one runs; undrain stops it between two batches."""
+        if command == b"drain" and not (state.draining and state.drain_task and not state.drain_task.done()):
+            state.draining = True
+            state.drain_generation += 1
+            state.drain_task = asyncio.get_running_loop().create_task(drain_connections(state, host=True))
         elif command == b"undrain":
             state.draining = False
-            state.drain_task = None
+            state.drain_generation += 1
         elif command.startswith(b"api") and state.api is not None:
             state.api.on_control(command)
 
@@ -213,21 +240,27 @@ async def _settle_accepted(runner: web.AppRunner, state: WorkerState, limit: flo
         await asyncio.sleep(0.02)
 
 
-async def drain_connections(state: WorkerState, *, report: bool = True, refuse_upgrades: bool = True) -> None:
+async def drain_connections(state: WorkerState, *, host: bool) -> None:
     """Migrate every connection: `migrating` status, session checkpoint, close 1001, paced.
 
-    A host drain also refuses new upgrades (503); a worker that stops for a rolling
-    restart has stopped listening instead, and migrates the upgrades still in flight too.
+    A `host` drain (POST /admin/drain) refuses new upgrades (503, set by the caller),
+    reports its progress, and stops between two batches when it is undone or superseded
+    (the generation moved on). A worker that stops has stopped listening instead, and
+    migrates the upgrades still in flight too.
     """
     settings = state.settings
     node = state.node
-    state.draining = state.draining or refuse_upgrades
+    generation = state.drain_generation
     metrics.DRAINS.inc()
     started = time.monotonic()
     migrated = failed = 0
     key = keys.drain(settings.node_id, node.instance)
     log.info("draining %d connections", len(node.connections))
-    while True:
+
+    def reporting() -> bool:
+        return host and state.drain_generation == generation
+
+    while not host or reporting():
         pending = sorted((c for c in node.connections if c.welcomed and not c.closing), key=lambda c: c.id)
         if not pending:
             if not state.opening:
@@ -253,13 +286,16 @@ async def drain_connections(state: WorkerState, *, report: bool = True, refuse_u
         results = await asyncio.gather(*(_close(conn) for conn in batch))
         migrated += sum(results)
         failed += len(results) - sum(results)
-        if report:
+        if reporting():
             await _report_drain(state, key, migrated, failed, started, done=False)
         if len(pending) > len(batch):
             await asyncio.sleep(settings.drain_interval)
     metrics.MIGRATED.labels("migrated").inc(migrated)
     metrics.MIGRATED.labels("failed").inc(failed)
-    if report:
+    if host and not reporting():
+        log.info("drain stopped: %d migrated, %d failed", migrated, failed)
+        return
+    if host:
         await _report_drain(state, key, migrated, failed, started, done=True)
     log.info("drain done: %d migrated, %d failed in %.2fs", migrated, failed, time.monotonic() - started)
 

@@ -85,9 +85,10 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_redis(*extra: str) -> RedisServer:
-    port = free_port()
-    directory = Path(tempfile.mkdtemp(prefix="rtc-redis-"))
+def start_redis(*extra: str, port: int | None = None, directory: Path | None = None) -> RedisServer:
+    """A redis-server on a free port; a port and directory given restart one there."""
+    port = port or free_port()
+    directory = directory or Path(tempfile.mkdtemp(prefix="rtc-redis-"))
     process = subprocess.Popen(
         [
             "redis-server",

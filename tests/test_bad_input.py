@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -55,6 +56,41 @@ async def test_error_echoes_the_request_id(cluster: list[Host]) -> None:
         await client.send(type="publish", room="nowhere", data=1, id="req-9")
         error = await client.expect("error")
         assert error == {"type": "error", "code": "not_joined", "message": error["message"], "id": "req-9"}
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ('{"type": "teleport", "id": "t-1"}', "unknown_type"),
+        ('{"type": "publish", "room": "r", "id": "t-1"}', "bad_request"),
+        ('{"type": 5, "id": "t-1"}', "bad_request"),
+    ],
+)
+async def test_refused_frame_echoes_its_id(cluster: list[Host], frame: str, code: str) -> None:
+    client = await Client.connect(cluster[0].ws, "prober")
+    try:
+        await client.send_raw(frame)
+        error = await client.expect("error")
+        assert (error["code"], error.get("id")) == (code, "t-1")
+    finally:
+        await client.close()
+
+
+async def test_rate_limited_frames_echo_their_id(cluster: list[Host]) -> None:
+    """Frames over the burst are refused one by one, each refusal naming its frame."""
+    client = await Client.connect(cluster[0].ws, "prober")
+    try:
+        for n in range(60):  # more than the default burst of 40, sent at once
+            await client.send(type="ping", id=n)
+        pongs = await client.wait_frames("pong", 1)
+        async with asyncio.timeout(10):
+            while len(replies := [f for f in client.seen if f["type"] in ("pong", "error")]) < 60:
+                await client.frames.get()
+        assert sorted(f["id"] for f in replies) == list(range(60)), "every frame answered once, by id"
+        refused = [f for f in replies if f["type"] == "error"]
+        assert refused and all(f["code"] == "rate_limited" for f in refused), (len(pongs), refused[:3])
     finally:
         await client.close()
 

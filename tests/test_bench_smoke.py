@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from tests.rtcproc import SECRET as RTC_SECRET
+from tests.rtcproc import hosts
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 LOCUST = str(Path(sys.executable).with_name("locust"))
@@ -168,18 +171,49 @@ def test_locustfile_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
     assert all(int(row["Failure Count"]) == 0 for row in rows.values())
 
 
+@pytest.mark.timeout(90)
+def test_locustfile_against_rtc(tmp_path: Path) -> None:
+    """The locust user speaks rtc: connects, publishes acked, deliveries in order."""
+    with hosts(("a", None)) as (host,):
+        prefix = tmp_path / "locust"
+        _run(
+            [
+                LOCUST, "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "-u", "4",
+                "-r", "4", "-t", "5s", "--rooms", "2", "--host", f"ws://127.0.0.1:{host.port}",
+                "--jwt-secret", RTC_SECRET, "--csv", str(prefix), "--only-summary",
+            ],
+            timeout=60,
+        )  # fmt: skip
+    with (tmp_path / "locust_stats.csv").open() as stats:
+        rows = {row["Name"]: row for row in csv.DictReader(stats)}
+    assert int(rows["connect"]["Request Count"]) == 4
+    assert int(rows["publish"]["Request Count"]) > 0
+    assert int(rows["deliver"]["Request Count"]) > 0
+    assert all(int(row["Failure Count"]) == 0 for row in rows.values()), rows
+
+
 @pytest.mark.timeout(120)
 def test_compare_smoke_on_rtc(tmp_path: Path) -> None:
     """Every scenario against real rtc hosts (two for `cross`), tiny: the tools speak rtc."""
     out = tmp_path / "rtc"
     _loadgen(
         "compare", "--out", str(out), "--servers", "rtc", "--rtc-workers", "2",
-        "--scenarios", "idle,fanout,cross,direct,churn", "--idle-conns", "20", "--members", "10",
-        "--users", "10", "--start-rate", "10", "--direct-start-rate", "10", "--step-seconds", "1",
-        "--max-steps", "1", "--churn-slots", "2", "--churn-seconds", "1",
+        "--scenarios", "idle,fanout,cross,direct,churn,storm", "--idle-conns", "20",
+        "--members", "10", "--users", "10", "--start-rate", "10", "--direct-start-rate", "10",
+        "--step-seconds", "1", "--max-steps", "1", "--churn-slots", "2", "--churn-seconds", "1",
+        "--storm-conns", "20", "--storm-rooms", "2",
         timeout=110,
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())["results"]["rtc"]
+    storm = results["storm"]
+    assert storm["connect"]["opened"] == 20 and storm["connect"]["failed"] == 0, storm["connect"]
+    # Every socket dropped and came back into its own session, which rejoined its room.
+    assert storm["resume"]["opened"] == 20 and storm["resume"]["resumed"] == 20, storm["resume"]
+    for phase in ("connect", "resume"):
+        pings = storm[phase]["loop_pings"]
+        assert pings and "?" not in pings, pings  # every probe was matched to its worker
+        assert all(summary["count"] > 0 for summary in pings.values()), pings
+        assert storm[phase]["redis_commands_per_connect"] > 0
     assert results["idle"]["opened"] == 20 and results["idle"]["failed"] == 0
     for scenario in ("fanout", "cross", "direct"):
         step = results[scenario]["steps"][0]

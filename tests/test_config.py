@@ -49,6 +49,7 @@ def test_defaults() -> None:
     assert s.presence_events_max == 100
     assert s.public_url is None
     assert (s.drain_batch, s.drain_interval, s.shutdown_timeout) == (500, 0.1, 30.0)
+    assert s.worker_timeout == 10.0
     assert s.runtime_dir is None
     assert (s.log_level, s.log_format) == ("info", "text")
     assert s.notify_socket is None and s.watchdog_usec == 0
@@ -79,6 +80,7 @@ def test_env_of_every_kind() -> None:
             "RTC_DEMO": "off",
             "RTC_DRAIN_INTERVAL": "0.5",
             "RTC_MAX_ROOMS": "7",
+            "RTC_WORKER_TIMEOUT": "2.5",
         }
     )
     assert s.rate == 2.5
@@ -86,6 +88,7 @@ def test_env_of_every_kind() -> None:
     assert s.demo is False
     assert s.drain_interval == 0.5
     assert s.max_rooms == 7
+    assert s.worker_timeout == 2.5
 
 
 def test_empty_env_is_unset() -> None:
@@ -248,6 +251,8 @@ def test_bad_watchdog_usec() -> None:
         (("--rate-burst", "0"), "--rate-burst"),
         (("--drain-interval", "-0.1"), "--drain-interval"),
         (("--shutdown-timeout", "0"), "--shutdown-timeout"),
+        (("--worker-timeout", "0"), "--worker-timeout"),
+        (("--worker-timeout", "soon"), "--worker-timeout"),
         (("--runtime-dir", "/tmp/" + "d" * 100), "--runtime-dir"),
     ],
 )

@@ -26,6 +26,7 @@ from rtc.protocol import (
     inbox,
     message_halves,
     parse,
+    request_id_of,
     wire_text,
 )
 
@@ -311,3 +312,25 @@ async def test_aiohttp_reads_wire_text_frames() -> None:
         message = await queue.read()
         assert message.type is WSMsgType.TEXT
         assert message.data == payload.decode()
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ('{"type": "teleport", "id": "x"}', ErrorCode.UNKNOWN_TYPE),
+        ('{"id": "x"}', ErrorCode.BAD_REQUEST),
+        ('{"type": "join", "room": "has space", "id": "x"}', ErrorCode.BAD_REQUEST),
+        ('{"type": "publish", "room": "r", "id": "x"}', ErrorCode.BAD_REQUEST),
+    ],
+)
+def test_a_refused_frame_keeps_its_id(text: str, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse(text)
+    assert (caught.value.code, caught.value.request_id) == (code, "x")
+
+
+def test_request_id_of_reads_only_a_valid_id() -> None:
+    assert request_id_of('{"type": "ping", "id": 7}') == 7
+    assert request_id_of('{"type": "ping", "id": [1]}') is None
+    assert request_id_of("not json") is None
+    assert request_id_of("[1]") is None

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench.loadgen {idle,fanout,cross,direct,churn,compare} ...``."""
+"""Command line: ``python -m bench.loadgen {idle,fanout,cross,direct,churn,storm,compare} ...``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def _add_target(parser: argparse.ArgumentParser, hosts: str) -> None:
         default=[],
         help="PID whose process tree is sampled for RSS and CPU (repeatable)",
     )
+    g.add_argument(
+        "--redis-url",
+        action="append",
+        default=[],
+        help="the server's Redis (every master of a cluster), for Redis commands per message",
+    )
 
 
 def _add_idle(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +122,14 @@ def _add_churn(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-cycles", type=_positive_int, default=100_000)
 
 
+def _add_storm(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("storm")
+    g.add_argument("--conns", type=_positive_int, default=1000, help="sockets")
+    g.add_argument("--rooms", type=_positive_int, default=100, help="rooms they join")
+    g.add_argument("--probes", type=_positive_int, default=8, help="loop-ping sockets")
+    g.add_argument("--ping-interval", type=_positive_float, default=0.02, help="seconds")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     sub = parser.add_subparsers(dest="scenario", required=True)
@@ -125,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         "cross": ("one room over 2+ hosts sharing Redis", [_add_ramp, _add_members]),
         "direct": ("1:1 direct messages, rising rate", [_add_ramp, _add_users]),
         "churn": ("connect/join/close loops", [_add_churn]),
+        "storm": ("connect storm, then drop all and resume storm", [_add_storm]),
     }
     for name, (help_text, adders) in specs.items():
         p = sub.add_parser(name, help=help_text)
@@ -145,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--churn-slots", type=_positive_int, default=20)
     p.add_argument("--churn-seconds", type=_positive_float, default=10.0)
     p.add_argument("--churn-max-cycles", type=_positive_int, default=100_000)
+    p.add_argument("--storm-conns", type=_positive_int, default=1000)
+    p.add_argument("--storm-rooms", type=_positive_int, default=100)
     _add_fleet(p)
     _add_ramp(p)
     _add_members(p)
@@ -188,8 +205,10 @@ def _csv(text: str, allowed: Any, what: str) -> tuple[str, ...]:
 def _run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     if args.scenario == "cross" and len(args.url) < 2:
         raise SystemExit("cross needs --url for at least two hosts")
-    target = Target("server", args.protocol, tuple(args.url), tuple(args.server_pid))
+    target = Target("server", args.protocol, tuple(args.url), tuple(args.server_pid), tuple(args.redis_url))
     fleet = _fleet(args)
+    if args.scenario == "storm":
+        return scenarios.storm(target, fleet, args.conns, args.rooms, args.probes, args.ping_interval)
     if args.scenario == "idle":
         return scenarios.idle(target, fleet, args.conns, args.rooms, args.hold)
     if args.scenario in ("fanout", "cross"):
@@ -216,6 +235,8 @@ def _run_compare(args: argparse.Namespace) -> None:
         churn_slots=args.churn_slots,
         churn_seconds=args.churn_seconds,
         churn_max_cycles=args.churn_max_cycles,
+        storm_conns=args.storm_conns,
+        storm_rooms=args.storm_rooms,
     )
     compare.run(plan)
 

@@ -15,11 +15,18 @@ __all__ = [
     "CloseReply",
     "Command",
     "ConnSpec",
+    "Drop",
+    "DropReply",
     "Failed",
     "Open",
     "OpenReply",
+    "PingReply",
+    "PingStart",
+    "PingStarted",
+    "PingStop",
     "Ready",
     "Reply",
+    "Resume",
     "Stop",
     "Traffic",
     "TrafficReply",
@@ -59,8 +66,53 @@ class Open:
 class OpenReply:
     opened: int = 0
     failed: int = 0
+    resumed: int = 0  # welcomes that said `resumed: true`
+    seconds: float = 0.0  # the worker's wall time for the whole command
     errors: Counter[str] = field(default_factory=Counter)
     connect: Histogram = field(default_factory=Histogram)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Drop every socket ``Open`` held at once, without a close frame (a failed host)."""
+
+
+@dataclass
+class DropReply:
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Reconnect every dropped socket with ``?session=`` and wait for its room's ``joined``."""
+
+    concurrency: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class PingStart:
+    """Open probe sockets (``specs``, no room) and ping each every ``interval`` s."""
+
+    specs: list[ConnSpec]
+    interval: float
+    timeout: float
+
+
+@dataclass
+class PingStarted:
+    ports: list[int] = field(default_factory=list)  # each connected probe's local port, in order
+    failed: Counter[str] = field(default_factory=Counter)  # probes that could not connect
+
+
+@dataclass(frozen=True)
+class PingStop:
+    """Stop pinging; reply with each probe's round-trip histogram."""
+
+
+@dataclass
+class PingReply:
+    pongs: list[Histogram] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,5 +190,5 @@ class Failed:
     traceback: str
 
 
-Command = Open | Traffic | Churn | CloseAll | Stop
-Reply = OpenReply | TrafficReply | ChurnReply | CloseReply | Failed
+Command = Open | Drop | Resume | Traffic | Churn | PingStart | PingStop | CloseAll | Stop
+Reply = OpenReply | DropReply | TrafficReply | ChurnReply | PingStarted | PingReply | CloseReply | Failed

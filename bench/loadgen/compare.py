@@ -23,7 +23,7 @@ from bench.loadgen.system import free_port
 
 __all__ = ["SCENARIOS", "Plan", "run"]
 
-SCENARIOS = ("idle", "fanout", "cross", "direct", "churn")
+SCENARIOS = ("idle", "fanout", "cross", "direct", "churn", "storm")
 Result = dict[str, Any]
 
 
@@ -46,6 +46,8 @@ class Plan:
     churn_slots: int
     churn_seconds: float
     churn_max_cycles: int
+    storm_conns: int = 1000
+    storm_rooms: int = 100
 
 
 def _scenario(plan: Plan, name: str, target: Target) -> Result:
@@ -57,6 +59,8 @@ def _scenario(plan: Plan, name: str, target: Target) -> Result:
     if name == "direct":
         ramp = replace(plan.ramp, start_rate=plan.direct_start_rate)
         return scenarios.direct(target, fleet, ramp, plan.users)
+    if name == "storm":
+        return scenarios.storm(target, fleet, plan.storm_conns, plan.storm_rooms, 8, 0.02)
     return scenarios.churn(target, fleet, plan.churn_slots, plan.churn_seconds, plan.churn_max_cycles)
 
 
@@ -70,7 +74,8 @@ def _run_one(plan: Plan, kind: ServerKind, name: str, redis_url: str) -> Result:
             launch = Launch(port, redis_url, plan.fleet.jwt_secret, node_id, plan.out, plan.rtc_workers)
             hosts.append(kind.start(launch))
             roots.append(f"ws://127.0.0.1:{port}")
-        target = Target(kind.name, kind.protocol, tuple(roots), tuple(h.pid for h in hosts))
+        redis_urls = (redis_url,) if kind.shared else ()
+        target = Target(kind.name, kind.protocol, tuple(roots), tuple(h.pid for h in hosts), redis_urls)
         return _scenario(plan, name, target)
     finally:
         for host in hosts:
@@ -82,6 +87,8 @@ def _server(plan: Plan, kind: ServerKind, redis: Redis) -> dict[str, Result]:
     for name in plan.scenarios:
         if name == "cross" and not kind.shared:
             continue  # hosts that share nothing cannot deliver across each other
+        if name == "storm" and kind.protocol != "rtc":
+            continue  # the loop probes speak rtc's protocol
         redis.flush()
         try:
             results[name] = _run_one(plan, kind, name, redis.url)

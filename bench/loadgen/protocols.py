@@ -31,13 +31,17 @@ class Kind(Enum):
     JOINED = "joined"
     DELIVERY = "delivery"  # a room message or a direct message
     ACK = "ack"
+    PONG = "pong"  # answer to a probe's ping; ``sent`` is when the ping left
     ERROR = "error"
     REPLY = "reply"  # must be answered with Frame.reply (engine.io ping)
     OTHER = "other"
 
 
 class Frame(NamedTuple):
-    """A decoded frame; ``key`` is the room, or ``@user`` for a direct message."""
+    """A decoded frame; ``key`` is the room, or ``@user`` for a direct message.
+
+    A READY frame carries the session in ``key`` and 1 in ``seq`` when it was resumed.
+    """
 
     kind: Kind
     key: str = ""
@@ -59,8 +63,8 @@ def _delivery(key: str, msg: dict[str, Any]) -> Frame:
 class ClientProtocol(Protocol):
     """What the worker needs from a wire protocol."""
 
-    def url(self, root: str, token: str) -> str:
-        """The WebSocket URL for server root ``root`` (``ws://host:port``)."""
+    def url(self, root: str, token: str, session: str = "") -> str:
+        """The WebSocket URL for server root ``root`` (``ws://host:port``), resuming ``session``."""
 
     def hello(self, token: str) -> str | None:
         """A frame to send right after the upgrade, if the protocol needs one."""
@@ -74,6 +78,9 @@ class ClientProtocol(Protocol):
     def direct(self, to: str, data: dict[str, Any]) -> str:
         """Frame sending ``data`` to user ``to``."""
 
+    def ping(self, now_ms: float) -> str:
+        """An application-level ping whose answer carries ``now_ms`` back."""
+
     def decode(self, text: str, user: str) -> Frame:
         """Decode a frame received by ``user``'s socket."""
 
@@ -81,8 +88,9 @@ class ClientProtocol(Protocol):
 class RtcProtocol:
     """rtc's protocol (SPEC section 4): one JSON object per text frame."""
 
-    def url(self, root: str, token: str) -> str:
-        return f"{root}/ws?token={quote(token)}"
+    def url(self, root: str, token: str, session: str = "") -> str:
+        resume = f"&session={quote(session)}" if session else ""
+        return f"{root}/ws?token={quote(token)}{resume}"
 
     def hello(self, token: str) -> str | None:
         return None
@@ -96,6 +104,10 @@ class RtcProtocol:
     def direct(self, to: str, data: dict[str, Any]) -> str:
         return orjson.dumps({"type": "direct", "to": to, "data": data}).decode()
 
+    def ping(self, now_ms: float) -> str:
+        # rtc's ids are strings or integers: the clock goes in microseconds.
+        return orjson.dumps({"type": "ping", "id": int(now_ms * 1000)}).decode()
+
     def decode(self, text: str, user: str) -> Frame:
         msg = orjson.loads(text)
         kind = msg.get("type")
@@ -108,7 +120,9 @@ class RtcProtocol:
         if kind == "joined":
             return Frame(Kind.JOINED, msg["room"], int(msg["seq"]))
         if kind == "welcome":
-            return Frame(Kind.READY)
+            return Frame(Kind.READY, str(msg.get("session", "")), int(bool(msg.get("resumed"))))
+        if kind == "pong":
+            return Frame(Kind.PONG, sent=int(msg.get("id") or 0) / 1000)
         if kind == "error":
             return Frame(Kind.ERROR, str(msg.get("code", "unknown")))
         return _OTHER
@@ -122,8 +136,11 @@ class SocketIOProtocol:
     because the load generator never needs to match acks to requests.
     """
 
-    def url(self, root: str, token: str) -> str:
+    def url(self, root: str, token: str, session: str = "") -> str:
         return f"{root}/socket.io/?EIO=4&transport=websocket"
+
+    def ping(self, now_ms: float) -> str:
+        raise ValueError("the storm's loop probes speak rtc's protocol only")
 
     def hello(self, token: str) -> str | None:
         return "40" + orjson.dumps({"token": token}).decode()

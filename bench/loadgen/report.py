@@ -73,9 +73,25 @@ def summary(result: Result) -> str:
             f" {_fmt(result['cycles_per_s'])} cycles/s, failed {result['failed']:,}"
             f" {result['errors']}, handshake p99 {_fmt(result['connect_latency']['p99_ms'])} ms"
         )
+    for phase in ("connect", "resume"):
+        if phase in result:
+            lines.append(_storm_line(phase, result[phase]))
     if "integrity" in result:
         lines.append(f"integrity {result['integrity']}, dropped by server {result['dropped']}")
     return "\n".join(lines)
+
+
+def _storm_line(phase: str, r: Result) -> str:
+    per_connect = r.get("redis_commands_per_connect")
+    return (
+        f"{phase}: {r['opened']:,} in {r['connect_seconds']} s ({_fmt(r['connect_rate_per_s'])}/s),"
+        f" failed {r['failed']:,} {r['errors']}, resumed {r['resumed']:,},"
+        f" handshake p99 {_fmt(r['connect_latency']['p99_ms'])} ms,"
+        f" loop ping p99 {_fmt(r['loop_ping_p99_ms'])} ms (worst worker),"
+        f" srv {_fmt(r['server_cpu_pct'])}% gen {_fmt(r['loadgen_cpu_pct'])}%"
+        + (" (client-bound)" if r["client_bound"] else "")
+        + (f", Redis commands/connect {per_connect}" if per_connect is not None else "")
+    )
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,13 @@ class Figure:
 
 def _metric(scenario: str, *path: str) -> Callable[[dict[str, Result]], Any]:
     return lambda results: _get(results.get(scenario, {}), *path)
+
+
+def _storm_failed(results: dict[str, Result]) -> int | None:
+    storm = results.get("storm")
+    if not storm or "connect" not in storm:
+        return None
+    return int(storm["connect"]["failed"]) + int(storm["resume"]["failed"])
 
 
 def _faults(results: dict[str, Result]) -> int | None:
@@ -105,6 +128,10 @@ FIGURES = [
     Figure("direct: max messages/s", _metric("direct", "max_sustainable_deliveries_per_s")),
     Figure("churn: connect+close cycles/s", _metric("churn", "cycles_per_s")),
     Figure("churn: handshake p99 (ms)", _metric("churn", "connect_latency", "p99_ms")),
+    Figure("storm: connect+join all (s)", _metric("storm", "connect", "connect_seconds")),
+    Figure("storm: resume all (s)", _metric("storm", "resume", "connect_seconds")),
+    Figure("storm: loop ping p99, worst worker (ms)", _metric("storm", "resume", "loop_ping_p99_ms")),
+    Figure("storm: failed connects", _storm_failed, ratio=False),
     Figure("gaps + duplicates + reordered", _faults, ratio=False),
 ]
 

@@ -6,6 +6,9 @@
   URLs of two or more hosts sharing Redis (members alternate between them).
 - ``direct``: N users each sending 1:1 messages to the next one, at a rising rate.
 - ``churn``: connect, handshake, join and close in a loop; cycles/s.
+- ``storm``: N sockets connect and join at once; then all drop at once and reconnect
+  with their session (a host failover); wall time of each, failed connects, and the
+  ping round trips of every server worker's loop meanwhile.
 """
 
 from __future__ import annotations
@@ -22,17 +25,24 @@ from bench.loadgen.commands import (
     CloseAll,
     CloseReply,
     ConnSpec,
+    Drop,
     Open,
     OpenReply,
+    PingReply,
+    PingStart,
+    PingStarted,
+    PingStop,
+    Resume,
     Traffic,
     TrafficReply,
     WorkerSetup,
 )
 from bench.loadgen.fleet import Fleet
-from bench.loadgen.probe import CpuMeter, tree_rss
+from bench.loadgen.probe import CpuMeter, commands_between, owners, redis_commandstats, tree_rss
+from bench.loadgen.stats import Histogram
 from bench.loadgen.system import source_address
 
-__all__ = ["FleetParams", "RampParams", "Target", "churn", "direct", "fanout", "idle"]
+__all__ = ["FleetParams", "RampParams", "Target", "churn", "direct", "fanout", "idle", "storm"]
 
 Result = dict[str, Any]
 _MIB = 1024 * 1024
@@ -49,6 +59,7 @@ class Target:
     protocol: str
     roots: tuple[str, ...]
     pids: tuple[int, ...] = ()
+    redis_urls: tuple[str, ...] = ()  # sampled for commands per message (every master)
 
 
 @dataclass(frozen=True)
@@ -116,18 +127,27 @@ def _open(fleet: Fleet, specs: list[ConnSpec], fp: FleetParams) -> tuple[OpenRep
     """Open ``specs`` spread round-robin over the fleet; returns the merge and wall seconds."""
     n = len(fleet)
     commands = [Open(specs[w::n], fp.connect_concurrency, fp.connect_timeout) for w in range(n)]
-    per_worker = math.ceil(len(specs) / n)
-    budget = fp.connect_timeout * math.ceil(per_worker / fp.connect_concurrency) + _CONTROL_SLACK
-    started = time.monotonic()
+    return _merge_opens(fleet, commands, _open_budget(fp, len(specs), n))
+
+
+def _open_budget(fp: FleetParams, sockets: int, procs: int) -> float:
+    per_worker = math.ceil(sockets / procs)
+    return fp.connect_timeout * math.ceil(per_worker / fp.connect_concurrency) + _CONTROL_SLACK
+
+
+def _merge_opens(fleet: Fleet, commands: list[Open] | list[Resume], budget: float) -> tuple[OpenReply, float]:
+    """Run Open or Resume on every worker; the merge, and the slowest worker's seconds."""
     replies = fleet.call(commands, budget)
     merged = OpenReply()
     for reply in replies:
         assert isinstance(reply, OpenReply)
         merged.opened += reply.opened
         merged.failed += reply.failed
+        merged.resumed += reply.resumed
+        merged.seconds = max(merged.seconds, reply.seconds)
         merged.errors.update(reply.errors)
         merged.connect.merge(reply.connect)
-    return merged, time.monotonic() - started
+    return merged, merged.seconds
 
 
 def _close(fleet: Fleet) -> CloseReply:
@@ -257,6 +277,7 @@ def _ramp(
         meters = (CpuMeter(target.pids), CpuMeter(fleet.pids))
         steps: list[Result] = []
         rate = rp.start_rate
+        before = redis_commandstats(target.redis_urls) if target.redis_urls else {}
         if opened.opened and rp.warmup_seconds > 0:
             warmup = Traffic(kind, rate / len(fleet), rp.warmup_seconds, rp.payload_bytes)
             fleet.broadcast(warmup, rp.warmup_seconds + warmup.max_wait + _CONTROL_SLACK)
@@ -272,6 +293,7 @@ def _ramp(
                 if row["failures"]:
                     break
                 rate *= rp.factor
+        after = redis_commandstats(target.redis_urls) if target.redis_urls else {}
         closed = _close(fleet)
     sustained = [s for s in steps if not s["failures"]]
     best = max(sustained, key=lambda s: s["deliveries_per_s"], default=None)
@@ -285,6 +307,13 @@ def _ramp(
         "dropped": closed.dropped,
         "integrity": closed.integrity.as_dict(),
     }
+    # Warm-up sends are not in the steps: the ratio is over the steps' messages only, a
+    # slight overestimate (at most the warm-up's share).
+    sent = sum(s["sent_per_s"] for s in steps) * rp.step_seconds
+    if target.redis_urls and sent:
+        commands = commands_between(before, after)
+        result["redis_commands"] = commands
+        result["redis_commands_per_message"] = round(sum(commands.values()) / sent, 2)
     return result
 
 
@@ -333,3 +362,115 @@ def churn(target: Target, fp: FleetParams, slots: int, seconds: float, max_cycle
         "connect_latency": merged.connect.summary(),
         "server_cpu_pct": server_cpu,
     }
+
+
+class _LoopProbes:
+    """Pings every server worker's loop from a process of its own during a storm phase.
+
+    Probe sockets land on workers as the kernel's SO_REUSEPORT hash picks; each is mapped
+    to its worker by its peer port, and probes are added until every worker has one.
+    """
+
+    def __init__(self, target: Target, fp: FleetParams, count: int, interval: float) -> None:
+        self._target = target
+        self._fp = fp
+        self._count = count
+        self._interval = interval
+        self._round = 0
+        setup = WorkerSetup(target.protocol, fp.jwt_secret, fp.command_timeout)
+        self._fleet = Fleet(1, setup)
+        self._owner: list[int | None] = []
+        self._failed: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._round += 1
+        root = self._target.roots[0]
+        specs = [
+            ConnSpec(root, f"{self._fp.tag}-probe{self._round}-{i}", None, None, "127.0.0.1")
+            for i in range(self._count)
+        ]
+        (started,) = self._fleet.call([PingStart(specs, self._interval, self._fp.connect_timeout)], 60.0)
+        assert isinstance(started, PingStarted)
+        port = int(root.rsplit(":", 1)[1])
+        found = owners(self._target.pids, port, started.ports)
+        self._owner = [found.get(p) for p in started.ports]
+        self._failed = dict(started.failed)
+
+    def stop(self) -> dict[str, Any]:
+        """p99 and max round trip per server worker PID (probes whose owner was not found: "?")."""
+        (reply,) = self._fleet.call([PingStop()], 60.0)
+        assert isinstance(reply, PingReply)
+        per_worker: dict[str, Histogram] = {}
+        for owner, pongs in zip(self._owner, reply.pongs, strict=True):
+            per_worker.setdefault(str(owner or "?"), Histogram()).merge(pongs)
+        pings: dict[str, Any] = {pid: h.summary() for pid, h in sorted(per_worker.items())}
+        if self._failed:
+            pings["probes_failed"] = self._failed
+        return pings
+
+    def close(self) -> None:
+        self._fleet.close()
+
+
+def _worst_p99(pings: dict[str, Any]) -> float | None:
+    values = [s["p99_ms"] for k, s in pings.items() if k != "probes_failed" and s["p99_ms"] is not None]
+    return max(values) if values else None
+
+
+def storm(
+    target: Target, fp: FleetParams, conns: int, rooms: int, probes: int, ping_interval: float
+) -> Result:
+    """Connect storm, then resume storm: ``conns`` sockets over ``rooms`` rooms.
+
+    Phase 1: every socket connects and joins at once (``connect_concurrency`` in flight
+    per load process). Phase 2: every socket drops at once without a close frame; once
+    the server has seen the drops, all reconnect with ``?session=``, and a resumed session
+    rejoins its room by itself (a server without sessions, like bare, gets a fresh
+    ``join``). Each phase's figure is the wall time until the last ``joined``.
+    """
+    specs = _specs(target, fp, conns, lambda i: f"{fp.tag}-r{i % rooms}")
+    result: Result = {"scenario": "storm", "conns": conns, "rooms": rooms}
+    loop_probes = _LoopProbes(target, fp, probes, ping_interval)
+    try:
+        with _fleet(target, fp, conns) as fleet:
+            n = len(fleet)
+            budget = _open_budget(fp, conns, n)
+            opens = [Open(specs[w::n], fp.connect_concurrency, fp.connect_timeout) for w in range(n)]
+            result["connect"] = _storm_phase(target, fleet, loop_probes, opens, budget)
+            fleet.broadcast(Drop(), _CONTROL_SLACK)
+            time.sleep(_SETTLE)  # the server has seen every drop: only reconnects remain
+            resumes = [Resume(fp.connect_concurrency, fp.connect_timeout)] * n
+            result["resume"] = _storm_phase(target, fleet, loop_probes, resumes, budget)
+            _close(fleet)
+    finally:
+        loop_probes.close()
+    return result
+
+
+def _storm_phase(
+    target: Target, fleet: Fleet, loop_probes: _LoopProbes, commands: list[Open] | list[Resume], budget: float
+) -> Result:
+    meters = (CpuMeter(target.pids), CpuMeter(fleet.pids))
+    loop_probes.start()
+    before = redis_commandstats(target.redis_urls) if target.redis_urls else {}
+    for meter in meters:
+        meter.start()
+    opened, seconds = _merge_opens(fleet, commands, budget)
+    server_cpu, loadgen_cpu = (meter.percent() for meter in meters)
+    after = redis_commandstats(target.redis_urls) if target.redis_urls else {}
+    pings = loop_probes.stop()
+    figures = _connect_figures(opened, seconds)
+    figures |= {
+        "resumed": opened.resumed,
+        "server_cpu_pct": server_cpu,
+        "loadgen_cpu_pct": loadgen_cpu,
+        "client_bound": loadgen_cpu is not None and loadgen_cpu >= _CLIENT_BUSY_PCT * len(fleet),
+        "loop_ping_p99_ms": _worst_p99(pings),
+        "loop_pings": pings,
+    }
+    if target.redis_urls and opened.opened:
+        commands = commands_between(before, after)
+        figures["redis_commands"] = commands
+        figures["redis_commands_per_connect"] = round(sum(commands.values()) / opened.opened, 2)
+    time.sleep(_SETTLE)  # what the server does after the last joined (presence) settles
+    return figures

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Coroutine, Mapping, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import SlotNotCoveredError
 
-from rtc.broker.base import BrokerHandler, Sequenced, Unsequenced
+from rtc.broker.base import BrokerHandler
 from rtc.broker.redis import LOST, RedisCore, client_options, stop_task
 
 __all__ = ["ClusterBroker"]
@@ -91,21 +91,9 @@ class ClusterBroker(RedisCore):
         for shard in list(self._shards.values()):
             await stop_task(shard.reader)  # its reader closes its connection on the way out
         self._shards.clear()
+        await self._batch.close()
+        await self._messages.close()
         await self._cluster.aclose()
-
-    async def sequence_many(
-        self, batches: Mapping[str, Sequence[Unsequenced]], history_size: int, ttl: int
-    ) -> dict[str, Sequenced | Exception]:
-        """Rooms live in different slots: one script call each, concurrently."""
-        rooms = list(batches)
-        replies = await asyncio.gather(
-            *(self.sequence(room, batches[room], history_size, ttl) for room in rooms),
-            return_exceptions=True,
-        )
-        return {
-            room: reply if isinstance(reply, Sequenced | Exception) else RuntimeError(reply)
-            for room, reply in zip(rooms, replies, strict=True)
-        }
 
     # -- routing ----------------------------------------------------------------------------
 

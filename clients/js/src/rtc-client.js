@@ -165,6 +165,7 @@ export class RtcClient extends Emitter {
 
   /** Join a room; resolves to its handle once the server said `joined`. */
   join(name) {
+    if (this.state === "closed") return Promise.reject(new RtcError("closed", "client closed"));
     let room = this.rooms.get(name);
     if (!room) {
       room = new Room(this, name);

@@ -1,0 +1,79 @@
+"""Host drain control against a real host: DELETE stops a drain in progress, and a drain
+started again after it runs alone and reports only what it migrated."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.client import Client
+from tests.rtcproc import Host, RedisServer, hosts, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+CONNECTIONS = 12
+INTERVAL = 0.5  # one connection per worker every half second: a drain takes seconds
+
+
+def closed(clients: list[Client]) -> int:
+    return sum(c.closed.is_set() for c in clients)
+
+
+def drain_report(host: Host) -> dict[str, object]:
+    return dict(json.loads(host.get("/admin/drain")[1]))
+
+
+async def test_delete_stops_a_drain_in_progress_and_a_new_one_runs_alone(redis_server: RedisServer) -> None:
+    pacing = ("--drain-batch", "1", "--drain-interval", str(INTERVAL), "--rate", "1000")
+    with hosts(("undrain", redis_server.url), args=pacing) as (host,):
+        clients = [await Client.connect(host.ws, f"u{i}") for i in range(CONNECTIONS)]
+        try:
+            assert host.request("POST", "/admin/drain")[0] == 202
+            async with asyncio.timeout(10):
+                while closed(clients) < 2:
+                    await asyncio.wait([asyncio.create_task(c.closed.wait()) for c in clients], timeout=0.1)
+            assert host.request("DELETE", "/admin/drain")[0] == 200
+            at_delete = closed(clients)
+            await asyncio.to_thread(wait_for, host.healthy, 5, "healthy after DELETE")
+            # Nothing to await: the point is that nothing happens for several drain steps.
+            await asyncio.sleep(5 * INTERVAL)
+            after = closed(clients)
+            # A batch already being closed when DELETE arrived may finish: one per worker.
+            assert after <= at_delete + host.workers, f"{after - at_delete} closed after DELETE"
+            late = await Client.connect(host.ws, "late")  # upgrades are accepted again
+            clients.append(late)
+
+            remaining = len(clients) - closed(clients)
+            assert host.request("POST", "/admin/drain")[0] == 202
+            report = await asyncio.to_thread(
+                wait_for, lambda: (r := drain_report(host))["done"] and r, 30, "second drain done"
+            )
+            assert closed(clients) == len(clients)
+            assert report["migrated"] == remaining and report["failed"] == 0, report
+            codes = {c.close_code for c in clients}
+            assert codes == {1001}
+            print(f"\n{at_delete} closed before DELETE, {after - at_delete} after; second drain {report}")
+        finally:
+            for client in clients:
+                await client.close()
+
+
+async def test_a_second_post_does_not_start_a_second_drain(redis_server: RedisServer) -> None:
+    pacing = ("--drain-batch", "1", "--drain-interval", str(INTERVAL), "--rate", "1000")
+    with hosts(("twice", redis_server.url), args=pacing) as (host,):
+        clients = [await Client.connect(host.ws, f"t{i}") for i in range(CONNECTIONS)]
+        try:
+            assert host.request("POST", "/admin/drain")[0] == 202
+            assert host.request("POST", "/admin/drain")[0] == 202
+            report = await asyncio.to_thread(
+                wait_for, lambda: (r := drain_report(host))["done"] and r, 30, "drain done"
+            )
+            assert report["migrated"] == CONNECTIONS and report["failed"] == 0, report
+            _, text = host.get("/metrics", {"Accept": "text/plain"})
+            drains = [line for line in text.decode().splitlines() if line.startswith("rtc_drains_total")]
+            assert drains == [f"rtc_drains_total {float(host.workers)}"], drains
+        finally:
+            for client in clients:
+                await client.close()
