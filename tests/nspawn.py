@@ -155,9 +155,13 @@ class Machine:
     leader: int
     console: Path
 
+    def command(self, *argv: str) -> list[str]:
+        """``argv`` run inside, as root, with a clean environment."""
+        return ["nsenter", "-t", str(self.leader), "-a", "env", "-i", f"PATH={PATH}", *argv]
+
     def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", f"PATH={PATH}", *argv],
+            self.command(*argv),
             check=False,
             capture_output=True,
             text=True,
