@@ -174,7 +174,8 @@ class _Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(1.0, self.settings.shutdown_timeout - 2.0)):
                 await drain_connections(state, host=False)
-        await node.leave_ring()
+        if joined:  # a replacement stopped before it joined holds nothing: the slot is not its to drop
+            await node.leave_ring()
         await runner.cleanup()
         await node.close()
         return 0

@@ -35,6 +35,8 @@ class Ledger:
     published: int = 0
     offline: int = 0  # publishes made while the publisher was not connected
     disconnects: int = 0
+    resumed: int = 0  # reconnects that resumed the session
+    positions: int = 0  # of those, resumed from the client's own positions (`resume` frame)
     gaps: list[Any] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
@@ -79,7 +81,9 @@ def check(ledger: Ledger) -> dict[str, int]:
         "published_while_disconnected": ledger.offline,
         "deliveries_checked": deliveries,
         "reconnects": ledger.disconnects,
-        "duplicates": 0,
+        "resumed": ledger.resumed,
+        "resumed_with_positions": ledger.positions,
+        "delivered_twice": 0,
         "gaps": 0,
     }
 
@@ -103,6 +107,7 @@ class PythonWorkload:
             name = f"c{i}"
             client = Client(self.url, token=self.token_for(name), backoff_base=0.1, backoff_cap=2.0)
             client.on("disconnected", self._count_disconnect)
+            client.on("resumed", self._count_resume)
             await client.connect()
             self.clients.append(client)
             self.ledger.received[name] = {room: [] for room in self.rooms}
@@ -116,6 +121,10 @@ class PythonWorkload:
 
     def _count_disconnect(self, _: Any) -> None:
         self.ledger.disconnects += 1
+
+    def _count_resume(self, welcome: dict[str, Any]) -> None:
+        self.ledger.resumed += 1
+        self.ledger.positions += isinstance(welcome.get("rooms"), list)
 
     def _recorder(self, name: str, room: str) -> Any:
         got = self.ledger.received[name][room]

@@ -136,6 +136,55 @@ async def test_members_presence_and_dead_slots(
     assert fresh_redis.cli("SMEMBERS", keys.member_slots("m")).split() == []  # dead slots pruned
 
 
+async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
+    broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
+) -> None:
+    """A connect storm's small commands are pipelined, and a leave issued after a join (not
+    awaited in between) still runs after it: the counts come out as issued."""
+    b, _ = broker
+    await b.leave("warm", "h:0", "carol")  # a fresh Redis refuses the first EVALSHA: scripts load
+    before = _calls(fresh_redis)
+    results = await asyncio.gather(
+        b.join("o", "h:0", "carol", b"j", 0, 15),
+        b.leave("o", "h:0", "carol"),
+        b.join("o", "h:0", "carol", b"j", 0, 15),
+        b.save_sessions({"s1": {"user": "carol"}, "s2": {"user": "dan"}}, 60),
+        b.load_session("s1"),
+    )
+    assert results[:3] == [1, True, 1]
+    assert results[4] == {"user": "carol"}
+    assert fresh_redis.cli("HGET", keys.members("o", "h:0"), "carol").strip() == "1"
+    # Exactly the commands asked for (a script's own commands count too, so not those).
+    after = _calls(fresh_redis)
+    assert {c: after[c] - before.get(c, 0) for c in ("evalsha", "hset", "hgetall")} == {
+        "evalsha": 3,
+        "hset": 2,
+        "hgetall": 1,
+    }
+
+
+async def test_a_burst_of_channel_messages_arrives_complete_and_in_order(
+    broker: tuple[RedisBroker, Recorder],
+) -> None:
+    """Messages that arrive in one socket read are taken from the parser's buffer at once."""
+    b, recorder = broker
+    channels = [keys.room_channel(f"burst-{n}") for n in range(50)]
+    await asyncio.gather(*(b.subscribe(c) for c in channels))
+    sent = [(channels[n % 50], b"%d" % n) for n in range(3000)]
+    assert await b.publish_many(sent) == [1] * 3000
+    got = [await asyncio.wait_for(recorder.messages.get(), 5) for _ in range(3000)]
+    assert got == [(c.encode(), payload) for c, payload in sent]
+
+
+def _calls(server: RedisServer) -> dict[str, int]:
+    """Calls per command the server has run (INFO commandstats)."""
+    stats = [line for line in server.cli("INFO", "commandstats").split() if "calls=" in line]
+    return {
+        line.split(":")[0].removeprefix("cmdstat_"): int(line.split("calls=")[1].split(",")[0])
+        for line in stats
+    }
+
+
 async def test_ring_heartbeats_and_duplicate_slot(broker: tuple[RedisBroker, Recorder]) -> None:
     from rtc.broker import SlotTaken
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ def closed(clients: list[Client]) -> int:
     return sum(c.closed.is_set() for c in clients)
 
 
-def drain_report(host: Host) -> dict[str, object]:
+def drain_report(host: Host) -> dict[str, Any]:
     return dict(json.loads(host.get("/admin/drain")[1]))
 
 
@@ -55,6 +56,32 @@ async def test_delete_stops_a_drain_in_progress_and_a_new_one_runs_alone(redis_s
             codes = {c.close_code for c in clients}
             assert codes == {1001}
             print(f"\n{at_delete} closed before DELETE, {after - at_delete} after; second drain {report}")
+        finally:
+            for client in clients:
+                await client.close()
+
+
+async def test_delete_then_post_at_once_runs_one_drain(redis_server: RedisServer) -> None:
+    """DELETE and POST back to back: the first drain stops (at most the batch it was closing
+    finishes, unreported) and the second alone closes and reports the rest."""
+    pacing = ("--drain-batch", "1", "--drain-interval", str(INTERVAL), "--rate", "1000")
+    with hosts(("redrain", redis_server.url), args=pacing) as (host,):
+        clients = [await Client.connect(host.ws, f"r{i}") for i in range(CONNECTIONS)]
+        try:
+            assert host.request("POST", "/admin/drain")[0] == 202
+            async with asyncio.timeout(10):
+                while closed(clients) < 2:
+                    await asyncio.wait([asyncio.create_task(c.closed.wait()) for c in clients], timeout=0.1)
+            assert host.request("DELETE", "/admin/drain")[0] == 200
+            at_delete = closed(clients)
+            assert host.request("POST", "/admin/drain")[0] == 202
+            report = await asyncio.to_thread(
+                wait_for, lambda: (r := drain_report(host))["done"] and r, 30, "second drain done"
+            )
+            await asyncio.sleep(3 * INTERVAL)  # anything still closing would show now
+            assert closed(clients) == CONNECTIONS
+            by_first = CONNECTIONS - report["migrated"]
+            assert at_delete <= by_first <= at_delete + host.workers, (at_delete, report)
         finally:
             for client in clients:
                 await client.close()

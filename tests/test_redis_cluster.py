@@ -141,6 +141,26 @@ async def test_sequenced_frames_fan_out_over_sharded_channels(
     assert await a.publish_many([(inbox, b"late")]) == [0]
 
 
+async def test_a_storm_of_first_subscriptions_is_confirmed_on_every_node(
+    cluster: RedisCluster, inspector: SyncCluster
+) -> None:
+    """Hundreds of channels subscribed at once, before any node's pub/sub connection exists
+    (a connect storm right after start): every one is confirmed and receives."""
+    broker, recorder = await start_broker(cluster, "storm")
+    publisher, _ = await start_broker(cluster, "publisher")
+    try:
+        rooms = [f"storm-{n}" for n in range(300)]
+        channels = [keys.room_channel(room) for room in rooms]
+        await asyncio.wait_for(asyncio.gather(*(broker.subscribe(c) for c in channels)), 10)
+        assert await publisher.publish_many([(c, b"hi") for c in channels]) == [1] * len(channels)
+        by_channel = await received(recorder, len(channels))
+        assert by_channel == {c.encode(): [b"hi"] for c in channels}
+        assert len({inspector.get_node_from_key(c).name for c in channels}) == 3  # every node
+    finally:
+        await broker.close()
+        await publisher.close()
+
+
 async def test_dedup_history_bound_and_epoch(
     pair: list[tuple[ClusterBroker, Recorder]], inspector: SyncCluster
 ) -> None:

@@ -162,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--churn-max-cycles", type=_positive_int, default=100_000)
     p.add_argument("--storm-conns", type=_positive_int, default=1000)
     p.add_argument("--storm-rooms", type=_positive_int, default=100)
+    p.add_argument("--hosts", type=_positive_int, default=1, help="rtc hosts per scenario (cross: 2+)")
+    p.add_argument(
+        "--redis-cluster", type=_non_negative_int, default=0, help="run on a Redis Cluster of N masters"
+    )
     _add_fleet(p)
     _add_ramp(p)
     _add_members(p)
@@ -237,6 +241,8 @@ def _run_compare(args: argparse.Namespace) -> None:
         churn_max_cycles=args.churn_max_cycles,
         storm_conns=args.storm_conns,
         storm_rooms=args.storm_rooms,
+        hosts=args.hosts,
+        redis_cluster=args.redis_cluster,
     )
     compare.run(plan)
 

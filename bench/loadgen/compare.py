@@ -17,8 +17,9 @@ from typing import Any
 
 from bench.loadgen import plot, report, scenarios
 from bench.loadgen.fleet import WorkerError
+from bench.loadgen.probe import shard_distribution
 from bench.loadgen.scenarios import FleetParams, RampParams, Target
-from bench.loadgen.servers import KINDS, Launch, Process, Redis, ServerKind
+from bench.loadgen.servers import KINDS, Launch, Process, Redis, RedisCluster, ServerKind
 from bench.loadgen.system import free_port
 
 __all__ = ["SCENARIOS", "Plan", "run"]
@@ -48,6 +49,8 @@ class Plan:
     churn_max_cycles: int
     storm_conns: int = 1000
     storm_rooms: int = 100
+    hosts: int = 1  # rtc hosts per scenario (cross: at least 2)
+    redis_cluster: int = 0  # masters of a Redis Cluster to run on; 0: one redis-server
 
 
 def _scenario(plan: Plan, name: str, target: Target) -> Result:
@@ -64,17 +67,21 @@ def _scenario(plan: Plan, name: str, target: Target) -> Result:
     return scenarios.churn(target, fleet, plan.churn_slots, plan.churn_seconds, plan.churn_max_cycles)
 
 
-def _run_one(plan: Plan, kind: ServerKind, name: str, redis_url: str) -> Result:
+def _run_one(plan: Plan, kind: ServerKind, name: str, redis: Redis | RedisCluster) -> Result:
     """Start the hosts ``name`` needs, run it, stop them whatever happens."""
     hosts: list[Process] = []
     roots: list[str] = []
+    count = max(plan.hosts, 2) if name == "cross" else plan.hosts
     try:
-        for node_id in ("a", "b") if name == "cross" else ("a",):
+        for index in range(count if kind.shared else 1):
             port = free_port()
-            launch = Launch(port, redis_url, plan.fleet.jwt_secret, node_id, plan.out, plan.rtc_workers)
+            node_id = "abcdefgh"[index]
+            launch = Launch(
+                port, redis.url, redis.rtc_args, plan.fleet.jwt_secret, node_id, plan.out, plan.rtc_workers
+            )
             hosts.append(kind.start(launch))
             roots.append(f"ws://127.0.0.1:{port}")
-        redis_urls = (redis_url,) if kind.shared else ()
+        redis_urls = redis.urls if kind.shared else ()
         target = Target(kind.name, kind.protocol, tuple(roots), tuple(h.pid for h in hosts), redis_urls)
         return _scenario(plan, name, target)
     finally:
@@ -82,7 +89,7 @@ def _run_one(plan: Plan, kind: ServerKind, name: str, redis_url: str) -> Result:
             host.stop()
 
 
-def _server(plan: Plan, kind: ServerKind, redis: Redis) -> dict[str, Result]:
+def _server(plan: Plan, kind: ServerKind, redis: Redis | RedisCluster) -> dict[str, Result]:
     results: dict[str, Result] = {}
     for name in plan.scenarios:
         if name == "cross" and not kind.shared:
@@ -91,7 +98,7 @@ def _server(plan: Plan, kind: ServerKind, redis: Redis) -> dict[str, Result]:
             continue  # the loop probes speak rtc's protocol
         redis.flush()
         try:
-            results[name] = _run_one(plan, kind, name, redis.url)
+            results[name] = _run_one(plan, kind, name, redis)
         except (RuntimeError, WorkerError) as exc:
             results[name] = {"scenario": name, "error": str(exc)}
             print(f"[{kind.name}] {name}: {exc}", flush=True)
@@ -105,8 +112,10 @@ def run(plan: Plan) -> dict[str, Any]:
     plan.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Result]] = {}
     unavailable: dict[str, str] = {}
+    distribution: dict[str, Any] | None = None
     started = time.time()
-    with Redis(plan.out) as redis:
+    redis = RedisCluster(plan.out, plan.redis_cluster) if plan.redis_cluster else Redis(plan.out)
+    with redis:
         for name in plan.servers:
             kind = KINDS[name]
             reason = kind.unavailable()
@@ -114,7 +123,12 @@ def run(plan: Plan) -> dict[str, Any]:
                 unavailable[name] = reason
                 print(f"[{name}] skipped: {reason}", flush=True)
                 continue
+            if plan.redis_cluster and kind.name != "rtc":
+                unavailable[name] = "runs on one Redis only"
+                continue
             results[name] = _server(plan, kind, redis)
+        if isinstance(redis, RedisCluster):
+            distribution = shard_distribution(redis.urls, plan.storm_rooms, f"{plan.fleet.tag}-storm-r")
     ran = [s for s in plan.servers if s in results]
     table = report.comparison_table(results, ran) if ran else "(no server could run)"
     document = {
@@ -125,6 +139,7 @@ def run(plan: Plan) -> dict[str, Any]:
         "unavailable": unavailable,
         "results": results,
         "table": table,
+        "shards": distribution,
     }
     (plan.out / "results.json").write_text(json.dumps(document, indent=2, default=str))
     (plan.out / "table.md").write_text(table + "\n")

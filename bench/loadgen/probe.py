@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import psutil
 import redis
 
-__all__ = ["CpuMeter", "commands_between", "owners", "redis_commandstats", "tree_rss"]
+from rtc import keys
+
+__all__ = ["CpuMeter", "commands_between", "owners", "redis_commandstats", "shard_distribution", "tree_rss"]
 
 
 def _tree(pids: Iterable[int]) -> list[psutil.Process]:
@@ -87,25 +90,69 @@ def owners(pids: Iterable[int], server_port: int, client_ports: Iterable[int]) -
     return found
 
 
-def redis_commandstats(urls: Iterable[str]) -> dict[str, int]:
-    """Calls per command since each Redis started (``INFO commandstats``), summed over ``urls``.
+def redis_commandstats(urls: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Calls per command since each Redis started (``INFO commandstats``), per URL.
 
     Give every master of a cluster: each counts only what it ran.
     """
-    calls: dict[str, int] = {}
+    calls: dict[str, dict[str, int]] = {}
     for url in urls:
         client = redis.Redis.from_url(url, socket_timeout=5.0)
         try:
             info = client.info("commandstats")
         finally:
             client.close()
-        for name, stats in info.items():
-            key = name.removeprefix("cmdstat_")
-            calls[key] = calls.get(key, 0) + int(stats["calls"])
+        calls[url] = {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()}
     return calls
 
 
-def commands_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """Commands Redis ran between two ``redis_commandstats`` samples (the nonzero ones)."""
-    delta = {name: calls - before.get(name, 0) for name, calls in after.items()}
-    return {name: calls for name, calls in sorted(delta.items()) if calls > 0}
+def commands_between(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Commands run between two samples: per command (all servers), and per server."""
+    per_command: dict[str, int] = {}
+    per_server: dict[str, int] = {}
+    for url, calls in after.items():
+        old = before.get(url, {})
+        for name, count in calls.items():
+            delta = count - old.get(name, 0)
+            if delta > 0:
+                per_command[name] = per_command.get(name, 0) + delta
+                per_server[url] = per_server.get(url, 0) + delta
+    return dict(sorted(per_command.items())), per_server
+
+
+def shard_distribution(urls: Iterable[str], rooms: int, prefix: str = "room-") -> dict[str, Any]:
+    """How ``rooms`` rooms named ``<prefix><i>`` spread over a cluster's masters.
+
+    Each room's keys share one hash tag, so a room lives on the master that serves its
+    tag's slot; a master with far more rooms than the others is a scaling wall. Asks the
+    cluster itself (``CLUSTER SLOTS`` and ``CLUSTER KEYSLOT``), using rtc's key names.
+    """
+    urls = list(urls)
+    client = redis.Redis.from_url(urls[0], socket_timeout=5.0)
+    try:
+        owners: list[tuple[int, int, str]] = []
+        for start, end, primary, *_replicas in client.execute_command("CLUSTER SLOTS"):
+            host, port = primary[0], primary[1]
+            owners.append((int(start), int(end), f"{_text(host)}:{int(port)}"))
+        pipe = client.pipeline(transaction=False)
+        for index in range(rooms):
+            pipe.execute_command("CLUSTER KEYSLOT", keys.room_meta(f"{prefix}{index}"))
+        slots = pipe.execute()
+    finally:
+        client.close()
+    counts: dict[str, int] = {name: 0 for _s, _e, name in owners}
+    for slot in slots:
+        name = next(n for start, end, n in owners if start <= int(slot) <= end)
+        counts[name] += 1
+    mean = rooms / len(counts)
+    return {
+        "rooms": rooms,
+        "per_master": dict(sorted(counts.items())),
+        "max_over_mean": round(max(counts.values()) / mean, 3),
+    }
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -311,8 +311,9 @@ def _ramp(
     # slight overestimate (at most the warm-up's share).
     sent = sum(s["sent_per_s"] for s in steps) * rp.step_seconds
     if target.redis_urls and sent:
-        commands = commands_between(before, after)
+        commands, per_server = commands_between(before, after)
         result["redis_commands"] = commands
+        result["redis_commands_by_server"] = per_server
         result["redis_commands_per_message"] = round(sum(commands.values()) / sent, 2)
     return result
 
@@ -469,8 +470,9 @@ def _storm_phase(
         "loop_pings": pings,
     }
     if target.redis_urls and opened.opened:
-        commands = commands_between(before, after)
+        commands, per_server = commands_between(before, after)
         figures["redis_commands"] = commands
+        figures["redis_commands_by_server"] = per_server
         figures["redis_commands_per_connect"] = round(sum(commands.values()) / opened.opened, 2)
     time.sleep(_SETTLE)  # what the server does after the last joined (presence) settles
     return figures

@@ -24,7 +24,7 @@ import redis
 
 from bench.loadgen.system import free_port
 
-__all__ = ["KINDS", "Launch", "Process", "Redis", "ServerKind"]
+__all__ = ["KINDS", "Launch", "Process", "Redis", "RedisCluster", "ServerKind"]
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_SERVER = REPO / "bench" / "baselines" / "node_ws" / "server.js"
@@ -90,16 +90,16 @@ class Process:
 class Redis:
     """A private redis-server on a free loopback port, without persistence."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"redis://{_HOST}:{self.port}/0"
         argv = [
             shutil.which("redis-server") or "redis-server",
             "--bind", _HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
-            "--dir", str(workdir), "--maxmemory-policy", "noeviction",
+            "--dir", str(workdir), "--maxmemory-policy", "noeviction", *(extra or []),
         ]  # fmt: skip
         self.process = Process(argv, workdir / "redis.log")
-        self._client = redis.Redis(host=_HOST, port=self.port, socket_timeout=5.0)
+        self.client = self._client = redis.Redis(host=_HOST, port=self.port, socket_timeout=5.0)
         deadline = time.monotonic() + _START_TIMEOUT
         while True:
             try:
@@ -119,6 +119,15 @@ class Redis:
     ) -> None:
         self.stop()
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every server to sample for commands (one here)."""
+        return (self.url,)
+
+    @property
+    def rtc_args(self) -> list[str]:
+        return ["--redis-url", self.url]
+
     def flush(self) -> None:
         """Empty it between servers so none sees another's keys."""
         self._client.flushall()
@@ -128,12 +137,71 @@ class Redis:
         self.process.stop()
 
 
+class RedisCluster:
+    """``masters`` cluster-enabled redis-servers on free loopback ports, joined into one cluster."""
+
+    def __init__(self, workdir: Path, masters: int) -> None:
+        self.nodes: list[Redis] = []
+        try:
+            for index in range(masters):
+                node_dir = workdir / f"cluster-{index}"
+                node_dir.mkdir(parents=True, exist_ok=True)
+                # The bus port defaults to port + 10000, which may be taken: pick one.
+                extra = ["--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                         "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]  # fmt: skip
+                self.nodes.append(Redis(node_dir, extra))
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *(f"{_HOST}:{n.port}" for n in self.nodes),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, capture_output=True, timeout=30,
+            )  # fmt: skip
+            self._await_ok()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = self.nodes[0].url
+
+    def _await_ok(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            states = [n.client.cluster("info").get("cluster_state") for n in self.nodes]
+            if all(state == "ok" for state in states):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(n.url for n in self.nodes)
+
+    @property
+    def rtc_args(self) -> list[str]:
+        return ["--redis-cluster", ",".join(f"redis://{_HOST}:{n.port}" for n in self.nodes)]
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            node.flush()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 @dataclass(frozen=True)
 class Launch:
     """What a server needs to start one host."""
 
     port: int
     redis_url: str
+    redis_args: list[str]  # how rtc reaches it: --redis-url URL or --redis-cluster SEEDS
     jwt_secret: str
     node_id: str
     workdir: Path
@@ -164,7 +232,7 @@ def _rtc_argv(launch: Launch) -> list[str]:
     return [
         sys.executable, "-m", "rtc", "serve", "--host", _HOST, "--port", str(launch.port),
         "--metrics-port", str(free_port()), "--workers", str(launch.rtc_workers),
-        "--node-id", launch.node_id, "--redis-url", launch.redis_url,
+        "--node-id", launch.node_id, *launch.redis_args,
         "--runtime-dir", str(launch.workdir / f"rtc-{launch.node_id}"),
         "--jwt-secret", launch.jwt_secret, "--rate", "100000", "--rate-burst", "100000",
         "--log-level", "warning",

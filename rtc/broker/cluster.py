@@ -26,10 +26,11 @@ from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import SlotNotCoveredError
 
 from rtc.broker.base import BrokerHandler
-from rtc.broker.redis import LOST, RedisCore, client_options, stop_task
+from rtc.broker.redis import LOST, RedisCore, Subscriptions, client_options, stop_task
 
 __all__ = ["ClusterBroker"]
 
@@ -42,13 +43,22 @@ _WATCH_EVERY = 5.0  # seconds between checks that every node we listen on is sti
 class _Shard:
     """One cluster node's pub/sub connection, the channels subscribed on it, its reader."""
 
-    __slots__ = ("channels", "client", "pubsub", "reader")
+    __slots__ = ("channels", "client", "pubsub", "reader", "subscriptions")
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
         self.pubsub = client.pubsub()
         self.channels: set[bytes] = set()
         self.reader: asyncio.Task[None] | None = None
+        self.subscriptions = Subscriptions(self._ssubscribe)
+
+    async def _ssubscribe(self, names: list[bytes]) -> None:
+        """One SSUBSCRIBE per hash slot: Redis refuses one naming channels of several."""
+        by_slot: dict[int, list[bytes]] = {}
+        for name in names:
+            by_slot.setdefault(key_slot(name), []).append(name)
+        for group in by_slot.values():
+            await self.pubsub.ssubscribe(*group)
 
 
 class ClusterBroker(RedisCore):
@@ -100,7 +110,7 @@ class ClusterBroker(RedisCore):
     async def _listen(self, name: bytes) -> None:
         shard = self._move(name, self._owner(name))
         try:
-            await shard.pubsub.ssubscribe(name)
+            await shard.subscriptions.add(name)
         except BaseException:
             self._home.pop(name, None)
             shard.channels.discard(name)
@@ -144,6 +154,7 @@ class ClusterBroker(RedisCore):
         try:
             await self._read(shard.pubsub, lambda: self._shards.get(node) is shard)
         finally:
+            shard.subscriptions.close()
             with contextlib.suppress(*LOST):
                 await shard.pubsub.aclose()  # type: ignore[no-untyped-call]
                 await shard.client.aclose()
@@ -183,7 +194,7 @@ class ClusterBroker(RedisCore):
                         failed.add(name)
                         continue
                     log.info("shard channel %s now on %s", name.decode(errors="replace"), node.name)
-                    await shard.pubsub.ssubscribe(name)
+                    await shard.subscriptions.add(name)
                 except LOST as exc:
                     log.warning("subscribing %s again failed: %s", name.decode(errors="replace"), exc)
                     failed.add(name)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
@@ -37,7 +37,7 @@ from rtc import keys, metrics
 from rtc.broker import scripts
 from rtc.broker.base import BrokerHandler, Sequenced, SlotTaken, Unsequenced
 
-__all__ = ["LOST", "RedisBroker", "RedisCore", "client_options", "stop_task"]
+__all__ = ["LOST", "RedisBroker", "RedisCore", "Subscriptions", "client_options", "stop_task"]
 
 log = logging.getLogger("rtc.broker")
 
@@ -163,6 +163,53 @@ class _Pipeliner:
         for _, future in queue:
             if not future.done():
                 future.set_exception(ConnectionError("broker closed"))
+
+
+class Subscriptions:
+    """Channels to subscribe, sent in batches, one batch at a time.
+
+    A connect storm subscribes an inbox per connection: one SUBSCRIBE for all the
+    channels of a loop turn is one write instead of hundreds. One at a time also keeps a
+    fresh pub/sub connection from being opened twice by concurrent first subscriptions
+    (redis-py's PubSub would keep only the second, and the first's confirmations would
+    never be read).
+    """
+
+    def __init__(self, send: Callable[[list[bytes]], Awaitable[Any]]) -> None:
+        self._send = send
+        self._pending: list[bytes] = []
+        self._next: asyncio.Future[None] | None = None  # done when `_pending` was sent
+        self._task: asyncio.Task[None] | None = None
+
+    async def add(self, name: bytes) -> None:
+        """Send the subscription of `name` (with others of this turn); raises if sending failed."""
+        loop = asyncio.get_running_loop()
+        if self._next is None:
+            self._next = loop.create_future()
+            if self._task is None:
+                self._task = loop.create_task(self._run())
+        self._pending.append(name)
+        await asyncio.shield(self._next)
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let this loop turn's subscriptions join
+            while self._next is not None:
+                names, sent = self._pending, self._next
+                self._pending, self._next = [], None
+                try:
+                    await self._send(names)
+                except Exception as exc:
+                    sent.set_exception(exc)
+                    sent.exception()  # retrieved: its callers may all have given up
+                else:
+                    sent.set_result(None)
+        finally:
+            self._task = None
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class RedisCore(ABC):
@@ -509,8 +556,7 @@ class RedisBroker(RedisCore):
         super().__init__(self._server, handler, worker)
         self._pubsub = self._server.pubsub()
         self._reader: asyncio.Task[None] | None = None
-        self._subscribing: list[bytes] = []
-        self._subscribe: asyncio.Task[None] | None = None
+        self._subscriptions = Subscriptions(lambda names: self._pubsub.subscribe(*names))
 
     async def start(self) -> None:
         await self._ping()
@@ -518,6 +564,7 @@ class RedisBroker(RedisCore):
 
     async def close(self) -> None:
         await stop_task(self._reader)
+        self._subscriptions.close()
         await self._batch.close()
         await self._messages.close()
         with contextlib.suppress(RedisError, OSError):
@@ -528,16 +575,7 @@ class RedisBroker(RedisCore):
         return bool(await self._server.ping())
 
     async def _listen(self, name: bytes) -> None:
-        """Channels subscribed in one loop turn (every connect's inbox) go in one SUBSCRIBE."""
-        self._subscribing.append(name)
-        if self._subscribe is None:
-            self._subscribe = asyncio.get_running_loop().create_task(self._subscribe_batch())
-        await asyncio.shield(self._subscribe)
-
-    async def _subscribe_batch(self) -> None:
-        await asyncio.sleep(0)
-        names, self._subscribing, self._subscribe = self._subscribing, [], None
-        await self._pubsub.subscribe(*names)
+        await self._subscriptions.add(name)
 
     async def _unlisten(self, name: bytes) -> None:
         await self._pubsub.unsubscribe(name)

@@ -24,6 +24,8 @@ const ledger = {
   published: 0,
   offline: 0,
   disconnects: 0,
+  resumed: 0,
+  positions: 0,
   gaps: [],
   failed: [],
 };
@@ -36,6 +38,10 @@ for (let i = 0; i < CLIENTS; i++) {
   const name = `c${i}`;
   const client = new RtcClient(process.env.RTC_WS, { token: mint(name), backoffBase: 100, backoffCap: 2000 });
   client.on("disconnected", () => (ledger.disconnects += 1));
+  client.on("resumed", (w) => {
+    ledger.resumed += 1;
+    if (Array.isArray(w.rooms)) ledger.positions += 1;
+  });
   client.on("connected", (w) => (firstNode = firstNode || (i === 0 ? w.node : null)));
   await client.connect();
   clients.push(client);
