@@ -370,3 +370,13 @@ def test_liveness_fails_once_the_supervisor_is_stopped(live_host: Host) -> None:
     finally:
         live_host.signal(signal.SIGCONT)
     assert _probe(live_host, CONTAINER["livenessProbe"]) == 200
+
+
+def test_rtc_seeds_are_the_redis_cluster_pods() -> None:
+    redis = _find("redis-cluster.yaml", "StatefulSet", "redis-cluster")
+    service = redis["spec"]["serviceName"]
+    pods = {
+        f"redis://{redis['metadata']['name']}-{i}.{service}:6379" for i in range(redis["spec"]["replicas"])
+    }
+    seeds = _find("rtc-config.yaml", "ConfigMap", "rtc-env")["data"]["RTC_REDIS_CLUSTER"].split(",")
+    assert set(seeds) == pods
