@@ -25,6 +25,7 @@ from typing import Any
 
 import kubernetes_validate
 import orjson
+import psutil
 import pytest
 import yaml
 
@@ -366,6 +367,8 @@ def test_liveness_fails_once_the_supervisor_is_stopped(live_host: Host) -> None:
     """A supervisor that no longer runs (SIGSTOP here) makes /livez 503, so the kubelet restarts."""
     live_host.signal(signal.SIGSTOP)
     try:
+        supervisor = psutil.Process(live_host.process.pid)
+        wait_for(lambda: supervisor.status() == psutil.STATUS_STOPPED, 5, "the supervisor stopped")
         assert _probe(live_host, CONTAINER["livenessProbe"]) == 503
     finally:
         live_host.signal(signal.SIGCONT)
