@@ -325,9 +325,7 @@ class Supervisor:
                 )
         elif state == "RELOADING":
             self._reload_started = time.monotonic()
-            self._notifier.notify(
-                "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", self._status_line()
-            )
+            self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         else:
             log.info("draining workers")
             self._notifier.notify(f"{state}=1")
