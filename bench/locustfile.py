@@ -23,6 +23,7 @@ import ipaddress
 import itertools
 import json
 import os
+import random
 import time
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -30,7 +31,7 @@ from urllib.parse import quote, urlsplit
 import gevent
 import jwt
 import websocket
-from locust import User, between, events, task
+from locust import User, events, task
 from locust.argument_parser import LocustArgumentParser
 
 __all__ = ["RtcUser"]
@@ -52,6 +53,14 @@ def _options(parser: LocustArgumentParser) -> None:
     )
     parser.add_argument("--rooms", type=int, default=10, help="users are spread over N rooms")
     parser.add_argument("--payload-bytes", type=int, default=64)
+    parser.add_argument(
+        "--publish-every", type=float, default=1.0, help="mean seconds between a user's publishes"
+    )
+    parser.add_argument(
+        "--spread-hosts",
+        default="",
+        help="comma list of ws:// roots that users alternate over (a cluster); default: --host",
+    )
 
 
 def _ws_root(host: str) -> str:
@@ -65,11 +74,14 @@ def _ws_root(host: str) -> str:
 class RtcUser(User):
     """One socket: joins a room, publishes, checks and times every delivery."""
 
-    wait_time = between(0.5, 1.5)
+    def wait_time(self) -> float:
+        """About ``--publish-every`` seconds, jittered so users do not publish in step."""
+        return float(self.environment.parsed_options.publish_every) * random.uniform(0.5, 1.5)
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         number = next(_users)
+        roots = [r for r in opts.spread_hosts.split(",") if r] or [self.host or ""]
         self.user_id = f"locust-{os.getpid()}-{number}"
         self.room = f"locust-{number % max(opts.rooms, 1)}"
         self.pad = "x" * opts.payload_bytes
@@ -78,7 +90,7 @@ class RtcUser(User):
         token = jwt.encode({"sub": self.user_id, "exp": int(time.time()) + 3600}, opts.jwt_secret, "HS256")
         started = time.perf_counter()
         self.ws = websocket.create_connection(
-            f"{_ws_root(self.host or '')}/ws?token={quote(token)}", timeout=10
+            f"{_ws_root(roots[number % len(roots)])}/ws?token={quote(token)}", timeout=10
         )
         self._await("welcome")
         self.ws.send(json.dumps({"type": "join", "room": self.room}))

@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from rtc import keys
+from rtc.broker.base import Broker
 from rtc.config import Settings
 from rtc.errors import CloseCode, ErrorCode, ProtocolError
 from rtc.node import MEMBERS_LIMIT, Node
@@ -77,9 +78,10 @@ class _Ask:
 class ServerApi:
     """What the `/api` handlers do, on top of this worker's node."""
 
-    def __init__(self, settings: Settings, node: Node) -> None:
+    def __init__(self, settings: Settings, node: Node, broker: Broker) -> None:
         self.settings = settings
         self.node = node
+        self.broker = broker
         self._keys = tuple((name, key.encode()) for name, key in settings.api_keys)
         self._asks: dict[str, _Ask] = {}
 
@@ -130,7 +132,7 @@ class ServerApi:
         question = _ASK + orjson.dumps({"rid": rid, "reply": node_id, "op": op, **args})
         ask = self._asks[rid] = _Ask()
         try:
-            heard = await self.node.broker.publish_many([(keys.host_control(h), question) for h in hosts])
+            heard = await self.broker.publish_many([(keys.host_control(h), question) for h in hosts])
             ask.expected = sum(heard)
             ask.check()
             try:
@@ -165,7 +167,7 @@ class ServerApi:
 
     async def _answer(self, reply: list[tuple[str, bytes]]) -> None:
         try:
-            await self.node.broker.publish_many(reply)
+            await self.broker.publish_many(reply)
         except Exception as exc:
             log.warning("answering a server API question failed: %s", exc)
 
@@ -324,7 +326,7 @@ def _room(request: web.Request) -> str:
 
 async def members(request: web.Request) -> web.Response:
     room = _room(request)
-    count, users = await request.app[API].node.broker.members(room, MEMBERS_LIMIT)
+    count, users = await request.app[API].broker.members(room, MEMBERS_LIMIT)
     return _json({"room": room, "users": users, "count": count})
 
 
@@ -343,7 +345,7 @@ async def history(request: web.Request) -> web.Response:
     limit = _int_query(request, "limit", 1, HISTORY_MAX) or HISTORY_DEFAULT
     since = _int_query(request, "since", 0, 2**63 - 1)
     api = request.app[API]
-    broker = api.node.broker
+    broker = api.broker
     seq, epoch = await broker.open_room(room, api.settings.history_ttl)
     after = max(0, seq - limit) if since is None else since
     messages = []

@@ -9,9 +9,10 @@ import asyncio
 import ipaddress
 import logging
 import os
+import resource
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from aiohttp import WSMsgType, web
 from rtc import hostmetrics, keys, metrics
 from rtc.api import ServerApi, add_api_routes
 from rtc.auth import LEEWAY_SECONDS, Principal, Verifier, mint, token_from_request
+from rtc.broker import LOST
+from rtc.broker.base import Broker
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
@@ -36,19 +39,39 @@ from rtc.protocol import (
     Publish,
     Refresh,
     encode,
-    encode_error,
-    inbox,
     parse,
     request_id_of,
 )
 from rtc.ratelimit import AbuseWindow, TokenBucket
 
-__all__ = ["STATE", "WorkerState", "build_app", "client_address", "drain_report", "require_admin"]
+__all__ = [
+    "DEMO_ROOMS",
+    "DEMO_TOKEN_TTL",
+    "FD_RESERVE",
+    "STATE",
+    "WorkerState",
+    "build_app",
+    "client_address",
+    "drain_report",
+    "require_admin",
+]
 
 log = logging.getLogger("rtc.app")
 
 _FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+_STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _WELCOMED = "rtc.welcomed"
+# Descriptors a worker keeps for everything but client sockets: its Redis pool (64) and
+# pub/sub, the listener, metrics files, pipes, and requests still in their handshake.
+FD_RESERVE = 256
+DEMO_TOKEN_TTL = 600  # the demo page's SDK fetches a new token before this runs out
+DEMO_ROOMS = ["demo.*"]  # plus the user's own inbox, which every token may read
+
+
+def _fd_capacity() -> int:
+    """Client sockets this worker's descriptor limit holds after the reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft - FD_RESERVE) if soft != resource.RLIM_INFINITY else 0
 
 
 @dataclass(slots=True)
@@ -57,6 +80,7 @@ class WorkerState:
 
     settings: Settings
     node: Node
+    broker: Broker
     verifier: Verifier
     worker: str
     slot_index: int
@@ -67,6 +91,23 @@ class WorkerState:
     drain_task: asyncio.Task[None] | None = None
     drain_generation: int = 0  # bumped by every drain and undrain: an older drain stops
     api: ServerApi | None = None  # with --api-keys: answers the cluster's server API questions
+    # `--max-connections auto`: this worker's own bound (0: none) and the host's (0: none).
+    worker_cap: int = field(init=False, default=0)
+    host_cap: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        # auto: each worker stops at its own descriptor limit, which bounds the host too.
+        if self.settings.max_connections is None:
+            self.worker_cap = _fd_capacity()
+        else:
+            self.host_cap = self.settings.max_connections
+
+    def full(self) -> bool:
+        """No room for one more connection (503), before a descriptor runs out (EMFILE)."""
+        # Sockets still in their handshake hold descriptors too: FD_RESERVE covers them.
+        if self.worker_cap and self.open_count >= self.worker_cap:
+            return True
+        return bool(self.host_cap) and self.host_connections.total() >= self.host_cap
 
 
 STATE = web.AppKey("state", WorkerState)
@@ -88,9 +129,9 @@ def build_app(state: WorkerState) -> web.Application:
     app.router.add_get("/dashboard/events", dashboard_events)
     app.router.add_get("/client.js", client_js)
     if state.settings.api_keys:
-        state.api = ServerApi(state.settings, state.node)
+        state.api = ServerApi(state.settings, state.node, state.broker)
         add_api_routes(app, state.api)
-    if state.settings.demo_enabled:
+    if state.settings.demo:
         app.router.add_get("/demo", demo)
         app.router.add_post("/demo/token", demo_token)
     if state.settings.conformance_echo:
@@ -142,7 +183,12 @@ def _principal(request: web.Request, verifier: Verifier) -> Principal:
 
 
 def require_admin(request: web.Request) -> None:
-    """Admin token, or loopback with no forwarding header (a local operator's curl)."""
+    """Admin token, or loopback with no forwarding header (a local operator's curl).
+
+    Loopback trust never extends to a browser: a page on any site can make the browser on
+    the host send a simple cross-site POST (no preflight), so a state-changing request that
+    carries `Origin` or `Sec-Fetch-Site: cross-site` needs the admin token itself.
+    """
     state = request.app[STATE]
     try:
         if _principal(request, state.verifier).admin:
@@ -150,9 +196,20 @@ def require_admin(request: web.Request) -> None:
     except AuthError:
         pass
     peer = request.remote or ""
-    if _is_loopback(peer) and not any(h in request.headers for h in _FORWARDING_HEADERS):
+    if (
+        _is_loopback(peer)
+        and not any(h in request.headers for h in _FORWARDING_HEADERS)
+        and not _from_browser_page(request)
+    ):
         return
     raise web.HTTPForbidden(text='{"error":"forbidden"}', content_type="application/json")
+
+
+def _from_browser_page(request: web.Request) -> bool:
+    """A state-changing request a web page made the browser send."""
+    return request.method in _STATE_CHANGING and (
+        "Origin" in request.headers or request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site"
+    )
 
 
 def _is_loopback(address: str) -> bool:
@@ -170,17 +227,23 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     settings = state.settings
     if state.draining:
         raise _reject(503, "draining", "host is draining: reconnect elsewhere")
-    if settings.max_connections and state.host_connections.total() >= settings.max_connections:
+    if state.full():
         raise _reject(503, "full", "host is full")
     origin = request.headers.get("Origin")
     if settings.allowed_origins and origin not in settings.allowed_origins:
         raise _reject(403, "origin", "origin not allowed")
+    address = client_address(request, settings)
+    # Before the token: every attempt spends one, so neither a reconnect storm nor a token
+    # guesser gets past the rate, and a refused upgrade costs no signature check.
+    if settings.connect_rate and not state.host_connections.connect_rate.take(
+        address, settings.connect_rate, settings.connect_burst, time.monotonic()
+    ):
+        raise _reject(429, "connect_rate", "too many upgrades from this address: slow down")
     try:
         principal = _principal(request, state.verifier)
     except AuthError as exc:
         log.info("handshake refused: %s", exc)
         raise _reject(401, "auth", "missing, invalid or expired token") from None
-    address = client_address(request, settings)
     if (
         settings.max_connections_per_ip
         and state.host_connections.from_address(address) >= settings.max_connections_per_ip
@@ -226,7 +289,12 @@ async def _upgrade(
     state.host_connections.set(state.slot_index, state.open_count)
     expiry = _ExpiryTimer(conn)
     try:
-        resumed = await _open_session(state, conn, request.query.get("session"))
+        try:
+            resumed = await _open_session(state, conn, request.query.get("session"))
+        except (ProtocolError, *LOST) as exc:  # Redis down or full: no session can be kept
+            log.warning("connection refused: Redis: %s", exc, extra={"conn": conn.id})
+            await ws.close(code=CloseCode.TRY_AGAIN, message=b"unavailable: try again later")
+            return ws
         request[_WELCOMED] = conn.welcomed = True  # from here on a drain migrates it
         state.opening -= 1
         if resumed is not None:
@@ -248,20 +316,8 @@ async def _open_session(
     state: WorkerState, conn: Connection, sid: str | None
 ) -> list[tuple[str, int, str]] | None:
     """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
-    node = state.node
-    await node.attach(conn)
-    rejoin: list[tuple[str, int, str]] | None = None
-    if sid:
-        saved = await node.broker.load_session(sid)
-        if saved.get("user") == conn.user:
-            conn.session = sid
-            rejoin = []
-            for name, value in saved.items():
-                if name.startswith("r:"):
-                    seq, _, epoch = value.partition(":")
-                    rejoin.append((name[2:], int(seq), epoch))
-            rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
-    await node.broker.save_sessions({conn.session: {"user": conn.user}}, state.settings.session_ttl)
+    # Concurrent calls share a Redis round trip (the broker pipelines them).
+    rejoin, _ = await asyncio.gather(state.node.sessions.open(conn, sid), state.node.attach(conn))
     conn.send(
         encode(
             "welcome",
@@ -305,7 +361,9 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
         if msg.type is WSMsgType.TEXT:
             await _handle(state, conn, msg.data)
         elif msg.type is WSMsgType.BINARY:
-            _send_error(conn, ErrorCode.BAD_REQUEST, "binary frames are not supported")
+            metrics.MESSAGES_RECEIVED.inc()
+            if _admit(conn):
+                conn.send_error(ErrorCode.BAD_REQUEST, "binary frames are not supported")
         elif msg.type is WSMsgType.CLOSE:
             # Orderly close: checkpoint first, so the client may resume elsewhere at once.
             conn.closing = True
@@ -322,30 +380,37 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
 
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
     try:
-        await state.node.broker.save_sessions(
-            state.node.checkpoints(conns, final=True), state.settings.session_ttl
-        )
+        await state.node.save_final(conns)
     except Exception as exc:
         log.warning("final session checkpoint failed: %s", exc)
 
 
+def _admit(conn: Connection, text: str | None = None) -> bool:
+    """Every frame spends a token, refused ones too; a sustained flood is closed 1008.
+
+    Frames that waited in the kernel while this worker was stalled count too: the server
+    cannot tell them from a burst (docs/protocol.md). A text frame's id says which.
+    """
+    now = time.monotonic()
+    if conn.bucket.take(now):
+        return True
+    metrics.RATE_LIMIT_DENIED.inc()
+    conn.send_error(ErrorCode.RATE_LIMITED, "slow down", None if text is None else request_id_of(text))
+    if conn.abuse is None:
+        conn.abuse = AbuseWindow()
+    if conn.abuse.deny(now):
+        conn.close_soon(CloseCode.POLICY, "rate limit abuse")
+    return False
+
+
 async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
     metrics.MESSAGES_RECEIVED.inc()
-    now = time.monotonic()
-    if not conn.bucket.take(now):
-        # Frames that waited in the kernel while this worker was stalled count too: the
-        # server cannot tell them from a burst (docs/protocol.md). The id says which.
-        metrics.RATE_LIMIT_DENIED.inc()
-        _send_error(conn, ErrorCode.RATE_LIMITED, "slow down", request_id_of(data))
-        if conn.abuse is None:
-            conn.abuse = AbuseWindow()
-        if conn.abuse.deny(now):
-            conn.close_soon(CloseCode.POLICY, "rate limit abuse")
+    if not _admit(conn, data):
         return
     try:
         command = parse(data)
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message, exc.request_id)
+        conn.send_error(exc.code, exc.message, exc.request_id)
         return
     await _run(state, conn, command)
 
@@ -370,10 +435,13 @@ async def _run(state: WorkerState, conn: Connection, command: object) -> None:
             case Ping():
                 conn.send(encode("pong", request_id))
     except ProtocolError as exc:
-        _send_error(conn, exc.code, exc.message, request_id)
+        conn.send_error(exc.code, exc.message, request_id)
+    except LOST as exc:  # Redis down, or full (maxmemory, noeviction): it refused the write
+        log.warning("command failed: Redis: %s", exc, extra={"conn": conn.id})
+        conn.send_error(ErrorCode.UNAVAILABLE, "Redis unavailable", request_id)
     except Exception:
         log.exception("command failed", extra={"conn": conn.id})
-        _send_error(conn, ErrorCode.INTERNAL, "internal error", request_id)
+        conn.send_error(ErrorCode.INTERNAL, "internal error", request_id)
 
 
 async def _refresh(state: WorkerState, conn: Connection, token: str, request_id: object) -> None:
@@ -390,19 +458,13 @@ async def _refresh(state: WorkerState, conn: Connection, token: str, request_id:
     conn.send(encode("refreshed", request_id, exp=principal.exp))  # type: ignore[arg-type]
 
 
-def _send_error(conn: Connection, code: ErrorCode, message: str, request_id: Any = None) -> None:
-    metrics.ERROR_FRAMES.labels(code.value).inc()
-    metrics.ERRORS.inc()
-    conn.send(encode_error(code, message, request_id))
-
-
 # -- health and metrics ------------------------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     in_ring = state.node.in_ring and set(state.settings.local_slots) <= set(state.node.ring.slots)
-    redis_ok = await state.node.broker.ping()
+    redis_ok = await state.broker.ping()
     ok = in_ring and not state.draining
     status = "ok" if ok else ("draining" if state.draining else "starting")
     body = {
@@ -444,7 +506,8 @@ def wants_prometheus(request: web.Request) -> bool:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     if wants_prometheus(request):
-        return web.Response(body=hostmetrics.prometheus_text(), content_type="text/plain", charset="utf-8")
+        body, content_type = hostmetrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
     state = request.app[STATE]
     return web.json_response(
         {**hostmetrics.snapshot(), "node": state.settings.node_id, "draining": state.draining}, dumps=_dumps
@@ -471,17 +534,17 @@ async def admin_drain(request: web.Request) -> web.Response:
     """POST starts a host drain, GET reports it, DELETE undoes it."""
     require_admin(request)
     state = request.app[STATE]
-    node = state.node
-    key = keys.drain(state.settings.node_id, node.instance)
+    broker = state.broker
+    key = keys.drain(state.settings.node_id, state.node.instance)
     control = keys.host_control(state.settings.node_id)
     if request.method == "POST":
         active = hostmetrics.snapshot()["active_connections"]  # before any is closed
-        await node.broker.set_fields(key, {"active": str(time.time())}, 86400)
-        await node.broker.publish_many([(control, b"drain")])
+        await broker.set_fields(key, {"active": str(time.time())}, 86400)
+        await broker.publish_many([(control, b"drain")])
         return web.json_response({"draining": active}, status=202, dumps=_dumps)
     if request.method == "DELETE":
-        await node.broker.delete(key)
-        await node.broker.publish_many([(control, b"undrain")])
+        await broker.delete(key)
+        await broker.publish_many([(control, b"undrain")])
         return web.json_response({"draining": False}, dumps=_dumps)
     if request.method == "GET":
         return web.json_response(await drain_report(state), dumps=_dumps)
@@ -490,7 +553,7 @@ async def admin_drain(request: web.Request) -> web.Response:
 
 async def drain_report(state: WorkerState) -> dict[str, Any]:
     """Progress of the host's drain, summed over the workers' reports."""
-    fields = await state.node.broker.get_fields(keys.drain(state.settings.node_id, state.node.instance))
+    fields = await state.broker.get_fields(keys.drain(state.settings.node_id, state.node.instance))
     reports = [orjson.loads(v) for k, v in fields.items() if k.startswith("w:")]
     done = bool(reports) and all(r["done"] for r in reports) and len(reports) >= state.settings.workers
     return {
@@ -559,7 +622,11 @@ async def demo(request: web.Request) -> web.Response:
 
 
 async def demo_token(request: web.Request) -> web.Response:
-    """Development tokens for the demo page (only with --demo: never in production)."""
+    """Development tokens for the demo page (only with --demo: never in production).
+
+    Short-lived and confined to `demo.*` rooms (and the user's own inbox), so a demo left
+    on by mistake still mints nothing that opens a real room.
+    """
     state = request.app[STATE]
     try:
         body = await request.json(loads=orjson.loads)
@@ -575,7 +642,12 @@ async def demo_token(request: web.Request) -> web.Response:
             text='{"error":"demo needs an HMAC secret"}', content_type="application/json"
         )
     token = mint(
-        state.settings.jwt_secret, user, now=time.time(), ttl=3600, algorithm=state.settings.jwt_algorithms[0]
+        state.settings.jwt_secret,
+        user,
+        now=time.time(),
+        ttl=DEMO_TOKEN_TTL,
+        rooms=DEMO_ROOMS,
+        algorithm=state.settings.jwt_algorithms[0],
     )
     return web.json_response({"token": token}, dumps=_dumps)
 

@@ -16,6 +16,7 @@ from rtc.errors import AuthError
 __all__ = ["LEEWAY_SECONDS", "Principal", "Verifier", "mint", "token_from_request"]
 
 LEEWAY_SECONDS = 30
+_VERIFIED_MAX = 20_000  # tokens whose signature is remembered (a few MB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +49,24 @@ class Verifier:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._clock = clock
+        self._verified: dict[str, dict[str, Any]] = {}  # token -> claims, oldest first
 
     def verify(self, token: str) -> Principal:
-        """A principal, or AuthError saying (to logs, never to clients) why not."""
+        """A principal, or AuthError saying (to logs, never to clients) why not.
+
+        A signature checked once stays checked: a resume storm (every client of a failed
+        host reconnecting with the token it had) pays the decode once per token. The
+        claims' times are checked against the clock on every use.
+        """
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._decode(token)
+            if len(self._verified) >= _VERIFIED_MAX:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = claims
+        return self._principal(claims)
+
+    def _decode(self, token: str) -> dict[str, Any]:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -69,6 +85,9 @@ class Verifier:
             )
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
+        return claims
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
         now = self._clock()
         exp = _number(claims, "exp")
         if exp is None or exp + LEEWAY_SECONDS < now:

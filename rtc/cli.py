@@ -16,7 +16,14 @@ from rtc import __version__
 from rtc.config import Settings, add_serve_arguments, settings_from
 from rtc.errors import ConfigError, ExitStatus
 
-__all__ = ["main"]
+__all__ = ["SECRET_IN_ARGV", "main"]
+
+# Workers are forked, so every one of them shows the supervisor's command line too.
+SECRET_IN_ARGV = (
+    "--jwt-secret on the command line is visible to every local user (ps, /proc/PID/cmdline) "
+    "for the supervisor and each worker: use --jwt-secret-file FILE or the jwt-secret "
+    "credential ($CREDENTIALS_DIRECTORY) instead"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,21 +55,23 @@ def _parser() -> argparse.ArgumentParser:
         "--rooms",
         nargs="*",
         metavar="PATTERN",
-        help="rooms the token may join, as glob patterns (`news`, `team.*`); default: any room",
+        help="rooms the token may join, as glob patterns (`news`, `team.*`); default: no claim, any room",
     )
     token.add_argument(
         "--admin", action="store_true", help="add `admin: true`: the /admin API and the dashboard"
     )
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
-    for name, text in (
-        ("drain", "drain a host and wait, printing progress"),
-        ("status", "print the host's JSON summary"),
+    for name, text, timeout, wait in (
+        ("drain", "drain a host and wait, printing progress", 300.0, "for the drain to finish"),
+        ("status", "print the host's JSON summary (GET /metrics)", 10.0, "for the answer"),
     ):
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument(
             "--url", default="http://127.0.0.1:8081", help="the host's own port (default %(default)s)"
         )
-        sub.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+        sub.add_argument(
+            "--timeout", type=float, default=timeout, help=f"seconds to wait {wait} (default %(default)s)"
+        )
         sub.add_argument(
             "--token-file",
             metavar="FILE",
@@ -77,9 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         match args.command:
             case "serve":
-                return _serve(settings_from(args))
+                return _serve(settings_from(args), secret_in_argv=args.jwt_secret is not None)
             case "check-config":
                 settings = settings_from(args)
+                if args.jwt_secret is not None:
+                    print(f"rtc: warning: {SECRET_IN_ARGV}", file=sys.stderr)
                 print(
                     f"rtc: configuration ok ({settings.workers} workers on {settings.host}:{settings.port})"
                 )
@@ -89,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "drain":
                 return _drain(args.url, args.timeout, _admin_token(args.token_file))
             case "status":
-                status = _request("GET", args.url + "/metrics", _admin_token(args.token_file))
+                status = _request("GET", args.url + "/metrics", _admin_token(args.token_file), args.timeout)
                 print(json.dumps(status, indent=2))
                 return 0
     except ConfigError as exc:
@@ -101,11 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return ExitStatus.CONFIG
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, *, secret_in_argv: bool) -> int:
+    import logging
+
     from rtc.log import setup_logging
     from rtc.supervisor import Supervisor
 
     setup_logging(settings, worker="-")
+    if secret_in_argv:
+        logging.getLogger("rtc.cli").warning(SECRET_IN_ARGV)
     return Supervisor(settings).run()
 
 
@@ -142,12 +157,12 @@ def _admin_token(path: str | None) -> str | None:
     return token
 
 
-def _request(method: str, url: str, token: str | None) -> Any:
+def _request(method: str, url: str, token: str | None, timeout: float = 10) -> Any:
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, method=method, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from rtc.errors import ConfigError
 
-__all__ = ["Settings", "add_serve_arguments", "settings_from"]
+__all__ = ["Settings", "add_serve_arguments", "reference", "settings_from"]
 
 API_KEY_MIN_LENGTH = 16  # a guessable server API key would open publishing to anyone
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
@@ -54,7 +54,7 @@ class Settings:
     jwt_issuer: str | None = None
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
-    max_connections: int = 0
+    max_connections: int | None = None  # None: auto, from the workers' descriptor limit
     max_connections_per_ip: int = 0
     max_message_bytes: int = 65536
     max_rooms: int = 100
@@ -72,7 +72,10 @@ class Settings:
     shutdown_timeout: float = 30.0
     worker_timeout: float = 10.0
     runtime_dir: str | None = None
-    demo: bool | None = None
+    demo: bool = False
+    redis_maxmemory: int = 256 << 20
+    connect_rate: float = 0.0
+    connect_burst: int = 200
     log_level: str = "info"
     log_format: str = "text"
     ws_heartbeat: float = 20.0
@@ -87,11 +90,6 @@ class Settings:
         return not self.redis_url and not self.redis_cluster
 
     @property
-    def demo_enabled(self) -> bool:
-        """`/demo` mints tokens, so it is on only when asked or in embedded mode."""
-        return self.embedded_redis if self.demo is None else self.demo
-
-    @property
     def local_slots(self) -> tuple[str, ...]:
         """This host's worker slot ids in the ring: `<node_id>:<index>`."""
         return tuple(f"{self.node_id}:{i}" for i in range(self.workers))
@@ -102,6 +100,24 @@ class Settings:
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _auto_int(value: str) -> int | None:
+    """An integer, or `auto` (None): the program works the value out."""
+    return None if value.strip().lower() == "auto" else int(value)
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _bytes(value: str) -> int:
+    """A size: `268435456`, `256m`, `256MiB`, `1g` (binary units, as redis.conf reads them)."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    number = text.rstrip("kmg")
+    unit = text[len(number) :]
+    if not number.isdigit() or unit not in _BYTE_UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(number) * _BYTE_UNITS[unit]
 
 
 def _api_keys(value: str) -> tuple[tuple[str, str], ...]:
@@ -133,44 +149,98 @@ class _Option:
     parse: Callable[[str], Any]
     help: str
     metavar: str | None = None
+    default: str | None = None  # shown instead of the raw default when that says too little
 
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> tuple[str, ...]:
+        """The variables that set it, strongest first."""
+        return ("RTC_" + self.name.upper(), *SEED_FALLBACKS.get(self.name, ()))
+
+    def default_text(self) -> str:
+        if self.default is not None:
+            return self.default
+        spec = _DEFAULTS.get(self.name)
+        value = None if spec is None else spec.default
+        if value is None or value == ():
+            return "none"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return ",".join(value)
+        return str(value)
+
+
+_DEFAULTS = {spec.name: spec for spec in dataclasses.fields(Settings)}
 
 _OPTIONS: tuple[_Option, ...] = (
     _Option("host", str, "public listener address"),
     _Option("port", int, "public listener port"),
     _Option("metrics_port", int, "host aggregate metrics port (0: off)"),
-    _Option("workers", int, "worker processes (default: CPUs)"),
-    _Option("node_id", str, "this host's id in the cluster"),
-    _Option("redis_url", str, "redis://, rediss:// or unix:// URL (default: embedded)"),
+    _Option("workers", int, "worker processes", default="CPUs"),
+    _Option("node_id", str, "this host's id in the cluster", default="hostname"),
+    _Option("redis_url", str, "redis://, rediss:// or unix:// URL", default="embedded redis-server"),
     _Option("redis_cluster", _csv, "Redis Cluster seed URLs, comma separated", "URLS"),
-    _Option("jwt_secret", str, "HMAC secret for HS* tokens"),
+    _Option("jwt_secret", str, "HMAC secret for HS256/HS384/HS512 tokens (visible in ps: prefer a file)"),
     _Option("jwt_secret_file", str, "read the HMAC secret from FILE", "FILE"),
-    _Option("jwt_public_key", str, "PEM public key FILE for RS*/ES* tokens", "FILE"),
+    _Option("jwt_public_key", str, "PEM public key FILE for RS, ES, PS and EdDSA tokens", "FILE"),
     _Option("jwt_algorithms", _csv, "accepted token algorithms, comma separated", "ALGS"),
     _Option("jwt_audience", str, "required `aud` claim"),
     _Option("jwt_issuer", str, "required `iss` claim"),
-    _Option("allowed_origins", _csv, "comma list of allowed Origin values (default: any)"),
+    _Option("allowed_origins", _csv, "comma list of allowed Origin values; others get 403", default="any"),
     _Option("trusted_proxies", _csv, "CIDRs whose X-Forwarded-For names the client"),
-    _Option("max_connections", int, "per-host connection cap (0: off)"),
+    _Option(
+        "max_connections",
+        _auto_int,
+        "per-host connection cap: auto (each worker's descriptor limit less 256), N, or 0 (off); 503",
+        default="auto",
+    ),
     _Option("max_connections_per_ip", int, "per-client-address cap (0: off)"),
-    _Option("max_message_bytes", int, "largest incoming frame"),
+    _Option("max_message_bytes", int, "largest incoming frame in bytes; larger: close 1009"),
     _Option("max_rooms", int, "rooms joined per connection"),
-    _Option("rate", float, "messages per second per connection"),
+    _Option("rate", float, "frames per second per connection (token bucket)"),
     _Option("rate_burst", int, "token bucket burst"),
-    _Option("send_queue_bytes", int, "per-connection outbound bound"),
-    _Option("history_size", int, "messages kept per room and inbox"),
+    _Option(
+        "send_queue_bytes",
+        int,
+        "per-connection outbound bound in bytes; past it the consumer is closed 1013",
+        default="1048576 (1 MiB)",
+    ),
+    _Option("history_size", int, "messages kept per room and inbox for replay"),
     _Option("history_ttl", int, "seconds history is kept after the last message"),
-    _Option("session_ttl", int, "seconds a session can be resumed"),
+    _Option("session_ttl", int, "seconds a session can be resumed after its last checkpoint"),
     _Option("presence_events_max", int, "no presence events in rooms with more members"),
-    _Option("public_url", str, "new_endpoint announced on drain"),
-    _Option("api_keys", _api_keys, "server API keys, NAME:KEY comma list (default: API off)", "KEYS"),
+    _Option("public_url", str, "WebSocket URL announced as new_endpoint on drain"),
+    _Option("api_keys", _api_keys, "server API keys, NAME:KEY comma list", "KEYS", default="none (API off)"),
     _Option("api_keys_file", str, "read server API keys from FILE, one NAME:KEY a line", "FILE"),
     _Option("drain_batch", int, "connections closed per drain step"),
     _Option("drain_interval", float, "seconds between drain steps"),
     _Option("shutdown_timeout", float, "seconds a graceful stop may take"),
     _Option("worker_timeout", float, "seconds a worker's loop may go silent before it is replaced"),
-    _Option("runtime_dir", str, "metrics files and embedded Redis socket"),
-    _Option("demo", _bool, "serve /demo, which mints tokens (default: on when embedded)"),
+    _Option(
+        "runtime_dir",
+        str,
+        "metrics files and embedded Redis socket",
+        default="$RUNTIME_DIRECTORY, else a private temporary directory",
+    ),
+    _Option("demo", _bool, "serve /demo and /demo/token, which mint tokens", default="off: never implied"),
+    _Option(
+        "redis_maxmemory",
+        _bytes,
+        "embedded Redis only: maxmemory with noeviction (a full Redis refuses writes: unavailable)",
+        "SIZE",
+        default="256m",
+    ),
+    _Option(
+        "connect_rate",
+        float,
+        "WebSocket upgrades per second per client address; over it 429",
+        default="0 (off)",
+    ),
+    _Option("connect_burst", int, "upgrade token bucket burst per client address"),
     _Option("log_level", str, "debug, info, warning or error"),
     _Option("log_format", str, "text or json"),
     _Option("ws_heartbeat", float, "WebSocket ping interval in seconds"),
@@ -182,13 +252,64 @@ _OPTIONS: tuple[_Option, ...] = (
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Register every setting as a flag; values stay strings until `settings_from`."""
     for option in _OPTIONS:
-        flag = "--" + option.name.replace("_", "-")
+        text = f"{option.help} [default: {option.default_text()}; env {', '.join(option.env)}]"
+        text = text.replace("%", "%%")  # argparse formats help with %
         if option.parse is _bool:
             parser.add_argument(
-                flag, dest=option.name, action=argparse.BooleanOptionalAction, help=option.help
+                option.flag, dest=option.name, action=argparse.BooleanOptionalAction, help=text
             )
         else:
-            parser.add_argument(flag, dest=option.name, metavar=option.metavar, help=option.help)
+            parser.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=text)
+
+
+def reference() -> str:
+    """docs/configuration.md, made from the options table so the two cannot drift."""
+    rows = [
+        f"| `{o.flag}` | {', '.join(f'`{e}`' for e in o.env)} | {o.default_text()} | {o.help} |"
+        for o in _OPTIONS
+    ]
+    return _REFERENCE.format(table="\n".join(rows))
+
+
+_REFERENCE = """\
+# Configuration reference
+
+<!-- Generated from the options table in rtc/config.py by `python scripts/configdoc.py`;
+tests/test_configdoc.py fails when this file and the table differ. Do not edit by hand. -->
+
+Every setting is a flag of `rtc serve` (also accepted by `rtc check-config`) and an
+environment variable. A flag beats the environment; `RTC_<NAME>` beats the older names listed
+after it (`JWT_SECRET`, `REDIS_URL`, `MAX_CONNECTIONS`, `NODE_ID`, `POD_NAME`). A bad value, an
+unknown flag or an unreadable file ends `rtc serve` at once with one line on stderr and exit
+status 2. `rtc serve --help` prints this table's defaults and variable names too.
+
+| flag | environment | default | meaning |
+| --- | --- | --- | --- |
+{table}
+
+Booleans take `--flag`/`--no-flag`, or `1/true/yes/on` and `0/false/no/off` in the
+environment. Lists are comma separated.
+
+## Read from the environment only
+
+| variable | meaning |
+| --- | --- |
+| `RUNTIME_DIRECTORY` | set by systemd (`RuntimeDirectory=`): the default `--runtime-dir` |
+| `CREDENTIALS_DIRECTORY` | set by systemd (`LoadCredential=`): its `jwt-secret` is the HMAC \
+secret when no other is given |
+| `NOTIFY_SOCKET`, `WATCHDOG_USEC` | set by systemd (`Type=notify`, `WatchdogSec=`): readiness \
+and watchdog pings |
+
+## What the defaults mean for clients
+
+* **History:** each room and each inbox keeps its last `--history-size` messages (1000) for
+  `--history-ttl` seconds after its last message (one hour). A `join` with `since`, or a
+  session resume, replays from there; anything older is announced (`recovered:false`).
+* **Sessions:** a session can be resumed for `--session-ttl` seconds (300) after its last
+  checkpoint; checkpoints are written every second while the connection lives.
+* **Send queue:** each connection may have `--send-queue-bytes` (1 MiB) written but not yet
+  taken by the kernel; a consumer past it is closed 1013.
+"""
 
 
 def settings_from(
@@ -200,11 +321,11 @@ def settings_from(
     for option in _OPTIONS:
         cli_value = getattr(args, option.name, None) if args is not None else None
         if cli_value is not None:
-            flag = "--" + option.name.replace("_", "-")
-            raw[option.name] = cli_value if isinstance(cli_value, bool) else _parse(option, cli_value, flag)
+            raw[option.name] = (
+                cli_value if isinstance(cli_value, bool) else _parse(option, cli_value, option.flag)
+            )
             continue
-        env_name = "RTC_" + option.name.upper()
-        for name in (env_name, *SEED_FALLBACKS.get(option.name, ())):
+        for name in option.env:
             if environ.get(name, "") != "":
                 raw[option.name] = _parse(option, environ[name], name)
                 break
@@ -305,8 +426,9 @@ def _validate(s: Settings) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"--trusted-proxies: {cidr!r} is not a CIDR") from None
-    for name in ("max_connections", "max_connections_per_ip", "presence_events_max"):
-        _require(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("max_connections", "max_connections_per_ip", "presence_events_max", "connect_rate"):
+        value = getattr(s, name)
+        _require(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0")
     for name in (
         "max_message_bytes",
         "max_rooms",
@@ -316,6 +438,7 @@ def _validate(s: Settings) -> None:
         "history_ttl",
         "session_ttl",
         "drain_batch",
+        "connect_burst",
     ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     for name in (
@@ -327,6 +450,7 @@ def _validate(s: Settings) -> None:
         "handshake_timeout",
     ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
+    _require(s.redis_maxmemory >= 1 << 20, "--redis-maxmemory must be at least 1 MiB")
     _require(s.log_level in {"debug", "info", "warning", "error"}, f"--log-level: {s.log_level!r}")
     _require(s.log_format in {"text", "json"}, f"--log-format: {s.log_format!r} is not text or json")
     if s.runtime_dir is not None:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from rtc import metrics
-from rtc.errors import CloseCode
-from rtc.protocol import wire_text
+from rtc.errors import CloseCode, ErrorCode
+from rtc.protocol import RequestId, encode_error, wire_text
 from rtc.ratelimit import AbuseWindow, TokenBucket
+from rtc.routing.checkpoint import Checkpoint, Marks
 
 if TYPE_CHECKING:
     from rtc.auth import Principal
@@ -40,9 +41,8 @@ class Connection:
         "_worker",
         "abuse",
         "bucket",
+        "checkpoint",
         "closing",
-        "cursors",
-        "held",
         "id",
         "peer",
         "principal",
@@ -73,10 +73,7 @@ class Connection:
         self.bucket = bucket
         self.abuse: AbuseWindow | None = None  # made on the first denial: most never need it
         self.rooms: set[str] = set()
-        # Rooms being replayed: live frames wait here until the replay has been sent.
-        self.held: dict[str, list[bytes]] = {}
-        # Last seq checkpointed per room, for resume.
-        self.cursors: dict[str, int] = {}
+        self.checkpoint = Checkpoint()  # what its session may claim was delivered
         self.closing = False
         self.welcomed = False
         self._limit = send_queue_bytes
@@ -90,23 +87,39 @@ class Connection:
         """Send one JSON frame (a reply or an event)."""
         self.send_wire(wire_text(payload))
 
+    def send_error(self, code: ErrorCode, message: str, request_id: RequestId = None) -> None:
+        """An `error` frame, counted by code."""
+        metrics.ERROR_FRAMES.labels(code.value).inc()
+        metrics.ERRORS.inc()
+        self.send(encode_error(code, message, request_id))
+
     def send_wire(self, wire: bytes) -> None:
         """Write an already framed message; close the consumer if it cannot keep up."""
+        self._write(wire)
+
+    def deliver(self, room: str, wire: bytes, marks: Marks) -> None:
+        """Room frames (ending at `marks`): written, and marked for the session checkpoint."""
+        buffered = self._write(wire)
+        if buffered is not None:
+            self.checkpoint.reached(room, marks, buffered)
+
+    def reached(self, room: str, seq: int) -> None:
+        """What was written so far brings `room` up to `seq` (a replay was sent)."""
+        if not self.closing:
+            self.checkpoint.reached(room, ((0, seq),), self.transport.get_write_buffer_size())
+
+    def _write(self, wire: bytes) -> int | None:
+        """The bytes still buffered after writing `wire`; None when nothing was written."""
         if self.closing or self.transport.is_closing():
-            return  # the peer is gone (e.g. a reset): the handler's `detach` follows
+            return None  # the peer is gone (e.g. a reset): the handler's `detach` follows
         self.transport.write(wire)
-        if self.transport.get_write_buffer_size() > self._limit:
+        self.checkpoint.written += len(wire)
+        buffered = self.transport.get_write_buffer_size()
+        if buffered > self._limit:
             metrics.SLOW_CONSUMERS.labels(self._worker).inc()
             log.info("slow consumer closed", extra={"conn": self.id, "user": self.user})
             self.close_soon(CloseCode.TRY_AGAIN, "slow consumer")
-
-    def deliver(self, room: str, wire: bytes) -> None:
-        """A live room frame: held back while the room is replaying, else sent."""
-        held = self.held.get(room)
-        if held is None:
-            self.send_wire(wire)
-        else:
-            held.append(wire)
+        return buffered
 
     def close_soon(self, code: int, reason: str) -> None:
         """Start a close handshake; abort the transport if it cannot finish in time."""

@@ -1,7 +1,9 @@
 """A private redis-server for a host that was given no Redis (the embedded default).
 
-It listens only on a Unix socket in the runtime directory, keeps nothing on disk, runs
-in its own process group (Ctrl-C reaches the supervisor first) and gets SIGKILL from
+It listens only on a Unix socket in the runtime directory, keeps nothing on disk, has a
+`maxmemory` with `noeviction` (a full Redis refuses writes, which clients see as
+`unavailable`, instead of growing until the kernel's OOM killer ends it), runs in its own
+process group (Ctrl-C reaches the supervisor first) and gets SIGKILL from
 the kernel if the supervisor dies (PR_SET_PDEATHSIG), so it never outlives it.
 """
 
@@ -30,10 +32,11 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedRedis:
-    def __init__(self, runtime_dir: Path) -> None:
+    def __init__(self, runtime_dir: Path, maxmemory: int) -> None:
         self.socket_path = runtime_dir / "redis.sock"
         self.log_path = runtime_dir / "redis.log"  # its chatter stays out of rtc's own log
         self._dir = runtime_dir
+        self._maxmemory = maxmemory
         self._process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
@@ -59,6 +62,8 @@ class EmbeddedRedis:
                 "",
                 "--appendonly",
                 "no",
+                "--maxmemory",
+                str(self._maxmemory),
                 "--maxmemory-policy",
                 "noeviction",
                 "--dir",

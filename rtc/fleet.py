@@ -24,6 +24,7 @@ from rtc.errors import ExitStatus
 
 __all__ = [
     "BACKOFF_CAP",
+    "RETIRE_GRACE",
     "STABLE_AFTER",
     "STEP_TIMEOUT",
     "Effect",
@@ -58,24 +59,23 @@ class Spawn:
 
 
 @dataclass(frozen=True, slots=True)
-class Terminate:
+class _Order:
+    worker: int
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate(_Order):
     """SIGTERM: drain, leave the ring, exit."""
 
-    worker: int
-
 
 @dataclass(frozen=True, slots=True)
-class Kill:
+class Kill(_Order):
     """SIGKILL: hung, or past its deadline."""
 
-    worker: int
-
 
 @dataclass(frozen=True, slots=True)
-class Join:
+class Join(_Order):
     """Tell a listening replacement to take its slot in the ring (SIGUSR1)."""
-
-    worker: int
 
 
 @dataclass(frozen=True, slots=True)

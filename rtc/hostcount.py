@@ -8,6 +8,11 @@ does not leak.
 The same holds per client address for `--max-connections-per-ip`: each slot has a row of
 counters indexed by a hash of the address. Two addresses sharing a bucket only make the
 cap stricter for both, never looser.
+
+`--connect-rate` is a token bucket per address bucket, shared by every worker of the host
+(CLOCK_MONOTONIC is one clock for all processes). Its read-modify-write takes no lock, so
+upgrades arriving at the same instant on different workers may each spend the same token:
+the overshoot is at most one per worker, and a worker that dies mid-update cannot wedge it.
 """
 
 from __future__ import annotations
@@ -16,9 +21,34 @@ import ctypes
 import zlib
 from multiprocessing.sharedctypes import RawArray
 
-__all__ = ["HostConnections"]
+__all__ = ["ConnectRate", "HostConnections"]
 
 ADDRESS_BUCKETS = 65536
+
+
+def _bucket(address: str, buckets: int) -> int:
+    return zlib.crc32(address.encode()) % buckets
+
+
+class ConnectRate:
+    """Upgrades per second per client address, host-wide: `rate` a second up to `burst`."""
+
+    def __init__(self, buckets: int = ADDRESS_BUCKETS) -> None:
+        self._buckets = buckets
+        # Per bucket: tokens spent (so zeroed memory means a full bucket), and its last refill.
+        self._spent = RawArray(ctypes.c_double, buckets)
+        self._stamp = RawArray(ctypes.c_double, buckets)
+
+    def take(self, address: str, rate: float, burst: int, now: float) -> bool:
+        """Spend one of `address`'s upgrade tokens if it has one."""
+        bucket = _bucket(address, self._buckets)
+        spent = max(0.0, self._spent[bucket] - (now - self._stamp[bucket]) * rate)
+        self._stamp[bucket] = now
+        if spent + 1.0 > burst:
+            self._spent[bucket] = spent
+            return False
+        self._spent[bucket] = spent + 1.0
+        return True
 
 
 class HostConnections:
@@ -27,6 +57,7 @@ class HostConnections:
         self._buckets = buckets
         self._counts = RawArray(ctypes.c_long, slots)  # created before fork: shared
         self._by_address = RawArray(ctypes.c_int32, slots * buckets)
+        self.connect_rate = ConnectRate(buckets)
 
     def set(self, slot: int, count: int) -> None:
         self._counts[slot] = count
@@ -48,4 +79,4 @@ class HostConnections:
         return sum(self._by_address[slot * self._buckets + bucket] for slot in range(self._slots))
 
     def _bucket(self, address: str) -> int:
-        return zlib.crc32(address.encode()) % self._buckets
+        return _bucket(address, self._buckets)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["SEED_NAMES", "prometheus_text", "snapshot"]
+__all__ = ["SEED_NAMES", "exposition", "snapshot"]
 
 SEED_NAMES = (
     "active_connections",
@@ -25,9 +26,12 @@ def _registry() -> CollectorRegistry:
     return registry
 
 
-def prometheus_text() -> bytes:
-    """Prometheus exposition text of the whole host (all workers, live and dead)."""
-    return generate_latest(_registry())
+def exposition(accept: str) -> tuple[bytes, str]:
+    """The whole host (all workers, live and dead) in the format `accept` asks for:
+    OpenMetrics when it names `application/openmetrics-text` (as Prometheus does), else
+    Prometheus text. Returns the body and its Content-Type."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(_registry()), content_type
 
 
 def snapshot() -> dict[str, Any]:

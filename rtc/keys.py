@@ -14,6 +14,7 @@ __all__ = [
     "host_control",
     "member_slots",
     "members",
+    "pending_leaves",
     "presence",
     "room_channel",
     "room_history",
@@ -54,6 +55,11 @@ def members(room: str, slot: str) -> str:
 def presence(room: str) -> str:
     """Hash of users announced present (so join/leave events are never doubled)."""
     return f"rtc:{{r:{room}}}:p"
+
+
+def pending_leaves(room: str) -> str:
+    """Sorted set: user -> when its presence `leave` is due (ms), once its last slot let go."""
+    return f"rtc:{{r:{room}}}:gone"
 
 
 def dedup(room: str, token: str) -> str:

@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -13,14 +14,22 @@ from rtc.config import Settings
 
 __all__ = ["redact", "setup_logging"]
 
-_TOKEN = re.compile(r"(token=)[^&\s\"]+", re.IGNORECASE)
+# A query parameter anywhere in a line: its key is compared once percent-decoded, as the
+# server decodes it (`?%74oken=` is `?token=` to aiohttp, so it must be to the log too).
+_PARAM = re.compile(r"(?P<key>[^\s?&;=\"']+)=(?P<value>[^&;\s\"']*)")
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _EXTRA_FIELDS = ("conn", "user", "room")
 
 
+def _param(match: re.Match[str]) -> str:
+    if "token" in unquote_plus(match["key"]).lower() and match["value"]:
+        return match["key"] + "=***"
+    return match[0]
+
+
 def redact(text: str) -> str:
-    """Replace token values in URLs and Authorization headers by `***`."""
-    return _BEARER.sub(r"\1***", _TOKEN.sub(r"\1***", text))
+    """Replace token values in URLs (however the key is encoded) and Bearer headers by `***`."""
+    return _BEARER.sub(r"\1***", _PARAM.sub(_param, text))
 
 
 class _JsonFormatter(logging.Formatter):

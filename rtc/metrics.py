@@ -83,7 +83,7 @@ REDIS_UP = Gauge("rtc_redis_up", "1 when the worker reaches Redis", _WORKER, mul
 PUBSUB_RECONNECTS = Counter("rtc_pubsub_reconnects", "Pub/sub connection re-established", _WORKER)
 GAPS_FILLED = Counter("rtc_gaps_filled", "Seq holes filled from history before delivery", _WORKER)
 GAPS_REPORTED = Counter("rtc_gaps_reported", "Seq holes reported to clients as `gap`", _WORKER)
-DRAINS = Counter("rtc_drains", "Drains started (per worker)")
+DRAINS = Counter("rtc_drains", "Drains a worker went through (a host drain counts once per worker)", _WORKER)
 MIGRATED = Counter("rtc_migrated_connections", "Connections closed by a drain", ("result",))
 SLOW_CONSUMERS = Counter("rtc_slow_consumer_disconnects", "Connections closed 1013", _WORKER)
 HANDSHAKE_REJECTED = Counter("rtc_handshake_rejected", "Upgrades refused", ("reason",))
@@ -94,7 +94,7 @@ ERROR_FRAMES = Counter("rtc_errors", "Error frames sent, by code", ("code",))
 WORKER_RESTARTS = Counter("rtc_worker_restarts", "Workers replaced after dying")
 RING_SLOTS = Gauge("rtc_ring_slots", "Live slots in the ring", multiprocess_mode="livemax")
 
-HANDSHAKE_REASONS = ("draining", "full", "origin", "auth", "per_ip")
+HANDSHAKE_REASONS = ("draining", "full", "origin", "auth", "per_ip", "connect_rate")
 REDIS_OPS = (
     "ping",
     "heartbeat",

@@ -23,7 +23,8 @@ MAX_SCRAPES = 32  # at once; a new one evicts the oldest
 _MAX_REQUEST = 8192
 _ACCEPTS_PER_TURN = 64
 
-_OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nConnection: close\r\n"
+_OK = "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n"
+_NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 _NOT_GET = b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 _TOO_LARGE = b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -37,13 +38,14 @@ class _Scrape:
 
 
 class MetricsPort:
-    """Serves `render()` as Prometheus text over HTTP/1.1, one response per connection."""
+    """Serves `GET /metrics` over HTTP/1.1, one response per connection: `render(accept)`
+    gives the body and its Content-Type for the request's `Accept` header."""
 
     def __init__(
         self,
         listener: socket.socket,
         selector: selectors.BaseSelector,
-        render: Callable[[], bytes],
+        render: Callable[[str], tuple[bytes, str]],
         clock: Callable[[], float],
     ) -> None:
         listener.setblocking(False)
@@ -87,10 +89,19 @@ class MetricsPort:
         if not scrape.request.startswith(b"GET "[: len(scrape.request)]):
             self._respond(scrape, _NOT_GET)
         elif b"\r\n\r\n" in scrape.request:
-            body = self._render()
-            self._respond(scrape, _OK + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            self._respond(scrape, self._response(scrape.request))
         elif len(scrape.request) >= _MAX_REQUEST:
             self._respond(scrape, _TOO_LARGE)
+
+    def _response(self, request: bytes) -> bytes:
+        """The metrics for `GET /metrics` (any query), 404 for any other path."""
+        line, *fields = request.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        target = line.split(" ")[1] if line.count(" ") >= 1 else ""
+        if target.partition("?")[0] != "/metrics":
+            return _NOT_FOUND
+        accept = next((f.partition(":")[2].strip() for f in fields if f.lower().startswith("accept:")), "")
+        body, content_type = self._render(accept)
+        return _OK.format(content_type, len(body)).encode() + body
 
     def _respond(self, scrape: _Scrape, response: bytes) -> None:
         scrape.response = memoryview(response)

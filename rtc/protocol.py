@@ -31,6 +31,7 @@ __all__ = [
     "inbox",
     "message_halves",
     "parse",
+    "presence_halves",
     "request_id_of",
     "wire_text",
 ]
@@ -223,6 +224,13 @@ def direct_halves(sender: str, data: bytes, ts: int) -> tuple[bytes, bytes]:
     head = b'{"type":"direct","from":' + orjson.dumps(sender) + b',"seq":'
     tail = b',"data":' + data + b',"ts":' + b"%d}" % ts
     return head, tail
+
+
+def presence_halves(room: str, event: str) -> tuple[bytes, bytes]:
+    """A `presence` frame split where the user goes (a Redis script fills it in)."""
+    return b'{"type":"presence","room":' + orjson.dumps(
+        room
+    ) + b',"user":', b',"event":"%s"}' % event.encode()
 
 
 def wire_text(payload: bytes) -> bytes:

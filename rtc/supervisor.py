@@ -34,6 +34,7 @@ from rtc.fleet import Effect, Exit, Fleet, Join, Kill, Log, Notify, Phase, Spawn
 from rtc.hostcount import HostConnections
 from rtc.lifeline import die_with_parent
 from rtc.metrics_port import MetricsPort
+from rtc.runtimedir import claim
 from rtc.sdnotify import Notifier
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ __all__ = ["Supervisor"]
 
 log = logging.getLogger("rtc.supervisor")
 
-_LISTEN_BACKLOG = 4096
 
 WorkerTarget = Callable[["WorkerSpec"], int]
 
@@ -108,39 +108,44 @@ class Supervisor:
             stale.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         self._probe_port()
-        self._sockets = [self._listen() for _ in range(self.settings.workers)]
+        from rtc.worker import LISTEN_BACKLOG, run_worker  # imports prometheus_client: only now
+
+        self._sockets = [self._listen(LISTEN_BACKLOG) for _ in range(self.settings.workers)]
         self._connections = HostConnections(self.settings.workers)
         if self.settings.embedded_redis:
-            self._redis = EmbeddedRedis(self._runtime)
+            self._redis = EmbeddedRedis(self._runtime, self.settings.redis_maxmemory)
             self._redis.start()
         self.settings = self.settings.with_changes(
-            demo=self.settings.demo_enabled,  # decided by the settings as given, not by the URL below
             runtime_dir=str(self._runtime),
             redis_url=self.settings.redis_url or (self._redis.url if self._redis else None),
         )
         if self.settings.metrics_port:
-            self._metrics = MetricsPort(self._bind_metrics(), self._selector, _metrics_text, time.monotonic)
+            self._metrics = MetricsPort(
+                self._bind_metrics(), self._selector, _metrics_exposition, time.monotonic
+            )
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self._record_signal)
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, "signal")
         if self.target is None:
-            from rtc.worker import run_worker  # imports prometheus_client: only now
-
             self.target = run_worker
         self._apply(self._fleet.start(time.monotonic()))
 
     def _runtime_dir(self) -> Path:
+        """Ours alone and locked for this host's life (the lock's descriptor stays open)."""
         if self.settings.runtime_dir:
             path = Path(self.settings.runtime_dir)
             try:
                 path.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._runtime_lock = claim(path)
             except OSError as exc:
-                raise ConfigError(f"--runtime-dir: cannot create {path}: {exc.strerror}") from None
+                raise ConfigError(f"--runtime-dir: cannot use {path}: {exc.strerror}") from None
             return path
         self._own_runtime = True
-        return Path(tempfile.mkdtemp(prefix="rtc-"))
+        path = Path(tempfile.mkdtemp(prefix="rtc-"))
+        self._runtime_lock = claim(path)
+        return path
 
     def _probe_port(self) -> None:
         """A plain bind (no SO_REUSEPORT) fails if any other program holds the port."""
@@ -153,12 +158,13 @@ class Supervisor:
                     raise ConfigError(f"--port {self.settings.port}: address already in use") from None
                 raise ConfigError(f"--host {self.settings.host}: {exc.strerror}") from None
 
-    def _listen(self) -> socket.socket:
+    def _listen(self, backlog: int) -> socket.socket:
+        """The same depth as the worker asks for when it listens again on this socket."""
         sock = socket.socket(_family(self.settings.host), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.settings.host, self.settings.port))
-        sock.listen(_LISTEN_BACKLOG)
+        sock.listen(backlog)
         sock.set_inheritable(True)
         return sock
 
@@ -425,10 +431,10 @@ class Supervisor:
             shutil.rmtree(self._runtime, ignore_errors=True)
 
 
-def _metrics_text() -> bytes:
+def _metrics_exposition(accept: str) -> tuple[bytes, str]:
     from rtc import hostmetrics  # imports prometheus_client: only once its directory is set
 
-    return hostmetrics.prometheus_text()
+    return hostmetrics.exposition(accept)
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -28,7 +28,7 @@ from aiohttp.abc import AbstractAccessLogger
 from rtc import keys, metrics
 from rtc.app import WorkerState, build_app
 from rtc.auth import Verifier
-from rtc.broker import SlotTaken
+from rtc.broker import SlotTaken, make_broker
 from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import CloseCode, ExitStatus
@@ -36,11 +36,13 @@ from rtc.hostcount import HostConnections
 from rtc.log import redact, setup_logging
 from rtc.node import Node
 from rtc.protocol import encode
+from rtc.routing.channels import Channels
 
-__all__ = ["WorkerSpec", "drain_connections", "run_worker"]
+__all__ = ["LISTEN_BACKLOG", "WorkerSpec", "drain_connections", "run_worker"]
 
 log = logging.getLogger("rtc.worker")
 
+LISTEN_BACKLOG = 65535  # accept queue per worker; the kernel caps it at net.core.somaxconn
 _CLOSE_TIMEOUT = 5.0
 _ALIVE_EVERY = 1.0  # at most; a short --worker-timeout gets four reports per timeout
 
@@ -112,12 +114,15 @@ class _Worker:
             metrics.PUBSUB_RECONNECTS,
             metrics.GAPS_FILLED,
             metrics.GAPS_REPORTED,
+            metrics.DRAINS,
         ):
             family.labels(self.label)
         metrics.REDIS_UP.labels(self.label).set(1)
         metrics.declare_label_values()
 
-        node = Node(self.settings, self.slot, self.spec.instance, self.label)
+        channels = Channels()
+        broker = make_broker(self.settings, channels, self.label)
+        node = Node(self.settings, self.slot, self.spec.instance, self.label, broker, channels)
         try:
             await node.start()
         except Exception as exc:  # a bad --redis-url, or Redis down: a setting to fix
@@ -126,6 +131,7 @@ class _Worker:
         state = WorkerState(
             self.settings,
             node,
+            broker,
             Verifier(self.settings, time.time),
             self.label,
             self.spec.index,
@@ -144,7 +150,10 @@ class _Worker:
             keepalive_timeout=self.settings.handshake_timeout,
         )
         await runner.setup()
-        site = web.SockSite(runner, self.spec.sock)
+        # create_server listens again: without this, aiohttp's default of 128 would replace
+        # the supervisor's deep queue, and a reconnect storm would overflow it (SYNs dropped
+        # and retried after 1 s, 3 s, 7 s: seconds of connect time for nothing).
+        site = web.SockSite(runner, self.spec.sock, backlog=LISTEN_BACKLOG)
         await site.start()
         try:
             joined = await self._enter_ring(node)
@@ -158,7 +167,7 @@ class _Worker:
         if joined:
             node.spawn(node.maintain())
             node.spawn(node.checkpoint_forever())
-            drain = await node.broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
+            drain = await broker.get_fields(keys.drain(self.settings.node_id, self.spec.instance))
             if "active" in drain:
                 self._on_control(state, b"drain")
             self._report(b"ready")
@@ -252,7 +261,7 @@ async def drain_connections(state: WorkerState, *, host: bool) -> None:
     settings = state.settings
     node = state.node
     generation = state.drain_generation
-    metrics.DRAINS.inc()
+    metrics.DRAINS.labels(state.worker).inc()
     started = time.monotonic()
     migrated = failed = 0
     key = keys.drain(settings.node_id, node.instance)
@@ -283,7 +292,7 @@ async def drain_connections(state: WorkerState, *, host: bool) -> None:
             )
             conn.closing = True  # nothing more is written: the checkpoint is exact
         with contextlib.suppress(Exception):
-            await node.broker.save_sessions(node.checkpoints(batch, final=True), settings.session_ttl)
+            await node.save_final(batch)
         results = await asyncio.gather(*(_close(conn) for conn in batch))
         migrated += sum(results)
         failed += len(results) - sum(results)
@@ -321,4 +330,4 @@ async def _report_drain(
         "seconds": round(time.monotonic() - started, 3),
     }
     with contextlib.suppress(Exception):
-        await state.node.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()}, 86400)
+        await state.broker.set_fields(key, {f"w:{state.worker}": orjson.dumps(report).decode()}, 86400)

@@ -34,14 +34,17 @@ interval=${POLL_INTERVAL:-2}
 read -r -a ssh_cmd <<<"${SSH:-ssh}"
 stop_command=${STOP_COMMAND:-sudo systemctl stop rtc}
 
-auth=()
+# The token goes to curl as a config file on its stdin, never in its argv: a command
+# line is visible to every local user (ps, /proc/PID/cmdline).
+auth_config=""
 if [[ -n ${RTC_ADMIN_TOKEN:-} ]]; then
-    auth=(-H "Authorization: Bearer ${RTC_ADMIN_TOKEN}")
+    auth_config="header = \"Authorization: Bearer ${RTC_ADMIN_TOKEN}\""
 fi
 
 log() { printf '%s scale-down %s: %s\n' "$(date -u +%FT%TZ)" "$url" "$*" >&2; }
 
-status=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -X POST "${auth[@]}" "$url/admin/drain") || status=000
+status=$(printf '%s\n' "$auth_config" |
+    curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -X POST -K - "$url/admin/drain") || status=000
 if [[ $status != 202 ]]; then
     log "drain refused (HTTP $status); nothing stopped"
     exit 1

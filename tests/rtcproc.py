@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -122,6 +124,11 @@ def _redis_ping(port: int) -> bool:
         return False
 
 
+def _limit_nofile(limit: int) -> None:
+    """Runs in the child before exec: a hard limit the supervisor cannot raise."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 @dataclass
 class Host:
     """One `rtc serve` supervisor with its workers."""
@@ -201,7 +208,9 @@ def start_host(
     args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     wait: bool = True,
+    nofile: int | None = None,
 ) -> Host:
+    """Start `rtc serve` on free ports; `nofile` caps its descriptor limit (soft and hard)."""
     port, metrics_port = free_ports(2, host)
     runtime = Path(tempfile.mkdtemp(prefix="rtc-"))
     log_path = runtime.parent / (runtime.name + ".log")
@@ -229,7 +238,13 @@ def start_host(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RTC_", "NOTIFY_"))}
     full_env.update({"JWT_SECRET": SECRET, **(env or {})})
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            preexec_fn=None if nofile is None else functools.partial(_limit_nofile, nofile),
+        )
     server = Host(node_id, port, metrics_port, process, runtime, log_path, host, workers, env or {})
     if wait:
         try:

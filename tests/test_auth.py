@@ -173,6 +173,27 @@ def test_the_clock_is_the_injected_one() -> None:
         Verifier(SETTINGS, lambda: NOW + 10 + LEEWAY_SECONDS + 1).verify(token)
 
 
+def test_a_token_verified_before_is_still_checked_against_the_clock() -> None:
+    """Signatures are remembered (a resume storm reuses tokens); expiry never is."""
+    now = [NOW]
+    check = Verifier(SETTINGS, lambda: now[0])
+    token = hs256(exp=int(NOW) + 10, nbf=int(NOW) + 5 + LEEWAY_SECONDS)
+    assert "nbf" in str(rejected(check, token))  # not yet valid: refused, though remembered
+    now[0] = NOW + 5
+    assert check.verify(token).user == "alice"
+    assert check.verify(token).user == "alice"
+    now[0] = NOW + 10 + LEEWAY_SECONDS + 1
+    assert "expired" in str(rejected(check, token))
+
+
+def test_a_bad_signature_is_refused_every_time() -> None:
+    check = verifier()
+    forged = jwt.encode(claims(), "another-secret-" + "0" * 40, algorithm="HS256")
+    for _ in range(2):
+        rejected(check, forged)
+    assert check.verify(hs256()).user == "alice"
+
+
 @pytest.mark.parametrize("claim", ["nbf", "iat"])
 def test_not_yet_valid_beyond_leeway(claim: str) -> None:
     error = rejected(verifier(), hs256(**{claim: int(NOW) + LEEWAY_SECONDS + 1}))
@@ -325,6 +346,36 @@ def test_may_join_globs() -> None:
     assert not principal.may_join("lobby2")
     assert principal.may_join("team-a") and not principal.may_join("team-c")
     assert principal.may_join("room1") and not principal.may_join("room12")
+
+
+# The examples of docs/security.md ("The `rooms` claim: how a pattern matches"), verbatim.
+DOCUMENTED = [
+    ("chat.*", "chat.general", True),
+    ("chat.*", "chat.eu.paris", True),  # `*` crosses `.`: there is no one-level wildcard
+    ("chat.*", "chat.", True),  # `*` matches nothing too
+    ("chat.*", "chat", False),
+    ("chat.*", "Chat.general", False),  # case-sensitive
+    ("chat.*", "xchat.general", False),  # anchored: the whole id must match
+    ("*.public", "a.b.public", True),
+    ("team-?", "team-a", True),
+    ("team-?", "team-ab", False),
+    ("news.[abc]*", "news.b1", True),
+    ("news.[abc]*", "news.d1", False),
+    ("[!_]*", "_internal", False),
+    ("a[*]b", "a*b", True),  # a literal `*`: no backslash escapes
+    ("a[*]b", "axb", False),
+    ("*", "@bob", False),  # no pattern ever opens another user's inbox
+]
+
+
+@pytest.mark.parametrize("pattern,room,allowed", DOCUMENTED)
+def test_rooms_patterns_match_as_documented(pattern: str, room: str, allowed: bool) -> None:
+    assert Principal("alice", 0, (pattern,)).may_join(room) is allowed
+
+
+def test_empty_rooms_claim_allows_only_the_own_inbox() -> None:
+    principal = Principal("alice", 0, ())
+    assert not principal.may_join("lobby") and principal.may_join("@alice")
 
 
 def test_no_rooms_claim_allows_every_room() -> None:

@@ -122,6 +122,25 @@ def test_idle_and_direct_against_bare(bare: tuple[str, int], tmp_path: Path) -> 
     assert direct["steps"][0]["delivery_ratio"] == 1.0
 
 
+@pytest.mark.timeout(60)
+def test_soak_against_bare_samples_memory_fds_and_stalls(bare: tuple[str, int], tmp_path: Path) -> None:
+    url, pid = bare
+    out, chart = tmp_path / "soak.json", tmp_path / "soak.png"
+    run = _loadgen(
+        "soak", "--url", url, "--server-pid", str(pid), "--conns", "20", "--rooms", "2",
+        "--seconds", "2", "--interval", "1", "--rate", "10", "--json", str(out), "--plot", str(chart),
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    _assert_clean(result)
+    assert len(result["samples"]) == 2
+    for sample in result["samples"]:
+        assert sample["deliveries_per_s"] > 0
+        assert sample["processes"][str(pid)]["fds"] >= 20 and sample["processes"][str(pid)]["rss_mib"] > 0
+        assert sample["longest_stall_ms"][str(pid)] > 0  # the probes reached the one process
+    assert chart.stat().st_size > 0
+    assert "longest loop stall" in run.stdout
+
+
 @pytest.mark.timeout(90)
 def test_compare_bare_and_socketio(tmp_path: Path) -> None:
     """Compare mode starts its own Redis and servers; socket.io runs ``cross`` over two."""

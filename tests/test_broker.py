@@ -128,12 +128,17 @@ async def test_members_presence_and_dead_slots(
     assert announced == [b'0 0 {"p":"alice"}', b'0 0 {"p":"bob"}']  # alice announced once
     assert await b.members("m", 1000) == (2, ["alice", "bob"])
     assert await b.members("m", 1) == (2, ["alice"])
-    assert await b.leave("m", "h:0", "alice") is True
-    assert await b.presence_gone("m", "alice", b"gone", 100) is False  # still on h:1
+    assert await b.leave("m", "h:0", "alice", 0, 15) is True
+    assert await b.sweep("m", (b"<", b">"), 100) == []  # still on h:1
+    await b.join("m", "h:0", "carol", b'{"p":"carol"}', 100, 15)
+    assert await b.leave("m", "h:0", "carol", 60_000, 15) is True
     fresh_redis.cli("DEL", keys.members("m", "h:1"))  # h:1 died: its key expired
-    assert await b.presence_gone("m", "alice", b"gone", 100) is True
+    assert sorted(await b.sweep("m", (b"<", b">"), 100)) == ["alice", "bob"]  # carol: not due
+    announced = {(await asyncio.wait_for(recorder.messages.get(), 5))[1] for _ in range(3)}
+    assert announced == {b'0 0 {"p":"carol"}', b'0 0 <"alice">', b'0 0 <"bob">'}
     assert await b.members("m", 1000) == (0, [])
     assert fresh_redis.cli("SMEMBERS", keys.member_slots("m")).split() == []  # dead slots pruned
+    assert fresh_redis.cli("HKEYS", keys.presence("m")).split() == ["carol"]
 
 
 async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
@@ -142,11 +147,11 @@ async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
     """A connect storm's small commands are pipelined, and a leave issued after a join (not
     awaited in between) still runs after it: the counts come out as issued."""
     b, _ = broker
-    await b.leave("warm", "h:0", "carol")  # a fresh Redis refuses the first EVALSHA: scripts load
+    await b.leave("warm", "h:0", "carol", 0, 15)  # a fresh Redis refuses the first EVALSHA: scripts load
     before = _calls(fresh_redis)
     results = await asyncio.gather(
         b.join("o", "h:0", "carol", b"j", 0, 15),
-        b.leave("o", "h:0", "carol"),
+        b.leave("o", "h:0", "carol", 0, 15),
         b.join("o", "h:0", "carol", b"j", 0, 15),
         b.save_sessions({"s1": {"user": "carol"}, "s2": {"user": "dan"}}, 60),
         b.load_session("s1"),
@@ -210,7 +215,7 @@ async def test_killed_pubsub_connection_is_reestablished_and_reported(
     assert (await asyncio.wait_for(recorder.messages.get(), 5))[1] == b"after"
 
 
-async def test_many_rooms_sequence_in_one_round_trip_even_after_a_script_flush(
+async def test_many_rooms_sequence_in_one_script_call_even_after_a_script_flush(
     broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
 ) -> None:
     b, _ = broker
@@ -224,3 +229,14 @@ async def test_many_rooms_sequence_in_one_round_trip_even_after_a_script_flush(
     assert {room: r.seqs for room, r in again.items() if not isinstance(r, Exception)} == {
         room: [3, 4] for room in batches
     }
+    # On one server, one script call sequences every room of the turn (and the dedup keys
+    # of each room stay with it: a retried id gets its earlier seq back).
+    before = _calls(fresh_redis)
+    retried = {room: [item(room, "c", dedup="x"), item(room, "d")] for room in batches}
+    third = await b.sequence_many(retried, 1000, 60)
+    assert _calls(fresh_redis)["evalsha"] - before["evalsha"] == 1
+    assert {room: r.seqs for room, r in third.items() if not isinstance(r, Exception)} == {
+        room: [5, 6] for room in batches
+    }
+    fourth = await b.sequence_many({"room0": [item("room0", "c", dedup="x")]}, 1000, 60)
+    assert not isinstance(fourth["room0"], Exception) and fourth["room0"].seqs == [5]

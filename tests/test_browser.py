@@ -118,7 +118,7 @@ async def screenshot(page: Page, artifacts: Path, name: str) -> Path:
 
 
 async def test_demo_chat_between_two_hosts(two_hosts: list[str], browser: Browser, artifacts: Path) -> None:
-    room = f"browser-{uuid.uuid4().hex[:8]}"
+    room = f"demo.browser-{uuid.uuid4().hex[:8]}"
     errors = PageErrors()
     context = await browser.new_context(viewport={"width": 1200, "height": 760})
     try:
@@ -187,7 +187,7 @@ async def test_demo_reconnect_resumes_without_loss(
     is held back (routed through Playwright) while the other host's user publishes; once
     it reaches the server the session is resumed and exactly the missed messages are
     replayed: every seq once, in order, none lost, none rendered twice."""
-    room = f"resume-{uuid.uuid4().hex[:8]}"
+    room = f"demo.resume-{uuid.uuid4().hex[:8]}"
     errors = PageErrors()
     context = await browser.new_context(viewport={"width": 1200, "height": 760})
     try:

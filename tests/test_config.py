@@ -42,7 +42,9 @@ def test_defaults() -> None:
     assert s.jwt_algorithms == ("HS256",)
     assert s.jwt_public_key is s.jwt_audience is s.jwt_issuer is None
     assert s.allowed_origins == () and s.trusted_proxies == ()
-    assert (s.max_connections, s.max_connections_per_ip) == (0, 0)
+    assert (s.max_connections, s.max_connections_per_ip) == (None, 0)  # None: auto
+    assert (s.connect_rate, s.connect_burst) == (0.0, 200)
+    assert s.redis_maxmemory == 256 << 20 and s.demo is False
     assert (s.max_message_bytes, s.max_rooms) == (65536, 100)
     assert (s.rate, s.rate_burst, s.send_queue_bytes) == (20.0, 40, 1 << 20)
     assert (s.history_size, s.history_ttl, s.session_ttl) == (1000, 3600, 300)
@@ -299,14 +301,47 @@ def test_runtime_dir_at_the_socket_path_limit() -> None:
 # -- derived values -------------------------------------------------------------------------
 
 
-def test_embedded_redis_and_demo() -> None:
+def test_embedded_redis_never_implies_the_demo() -> None:
     embedded = settings()
-    assert embedded.embedded_redis and embedded.demo_enabled
-    assert not settings("--no-demo").demo_enabled
+    assert embedded.embedded_redis and not embedded.demo
+    assert settings("--demo").demo
     external = settings("--redis-url", "redis://r:6379")
-    assert not external.embedded_redis and not external.demo_enabled
-    assert settings("--redis-url", "redis://r:6379", "--demo").demo_enabled
+    assert not external.embedded_redis and not external.demo
+    assert settings("--redis-url", "redis://r:6379", "--demo").demo
     assert not settings(env={**BASE, "REDIS_URL": "redis://r"}).embedded_redis
+
+
+def test_max_connections_is_auto_a_number_or_off() -> None:
+    assert settings("--max-connections", "auto").max_connections is None
+    assert settings("--max-connections", "AUTO").max_connections is None
+    assert settings("--max-connections", "0").max_connections == 0
+    assert settings(env={**BASE, "MAX_CONNECTIONS": "500"}).max_connections == 500
+    assert config_error("--max-connections", "-1").startswith("--max-connections")
+    assert config_error("--max-connections", "lots").startswith("--max-connections")
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("268435456", 256 << 20),
+        ("256m", 256 << 20),
+        ("256MiB", 256 << 20),
+        ("64mb", 64 << 20),
+        ("1G", 1 << 30),
+    ],
+)
+def test_redis_maxmemory_sizes(value: str, expected: int) -> None:
+    assert settings("--redis-maxmemory", value).redis_maxmemory == expected
+
+
+def test_bad_redis_maxmemory_and_connect_rate() -> None:
+    for bad in ("lots", "12x", "m", "5.5m"):
+        assert config_error("--redis-maxmemory", bad).startswith("--redis-maxmemory"), bad
+    assert config_error(env={**BASE, "RTC_REDIS_MAXMEMORY": "-5m"}).startswith("RTC_REDIS_MAXMEMORY")
+    assert "at least 1 MiB" in config_error("--redis-maxmemory", "1000")
+    assert config_error("--connect-rate", "-1").startswith("--connect-rate")
+    assert config_error("--connect-burst", "0").startswith("--connect-burst")
+    assert settings("--connect-rate", "2.5", "--connect-burst", "5").connect_rate == 2.5
 
 
 def test_local_slots() -> None:

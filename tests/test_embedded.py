@@ -96,7 +96,7 @@ def test_a_dead_embedded_redis_is_restarted_and_rooms_start_a_new_epoch() -> Non
 
 
 def test_embedded_mode_serves_the_demo_and_keeps_redis_chatter_out_of_the_log() -> None:
-    host = start_host("demo", None)
+    host = start_host("demo", None, args=("--demo",))
     try:
         status, _ = host.get("/demo")
         assert status == 200

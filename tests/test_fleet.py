@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from rtc.errors import ExitStatus
 from rtc.fleet import (
+    RETIRE_GRACE,
     STABLE_AFTER,
     STEP_TIMEOUT,
     Effect,
@@ -384,6 +385,7 @@ def test_stop_exits_zero_in_time_and_four_after_killing() -> None:
     host.stop_at = host.now
     host.apply(host.fleet.stop(host.now))
     assert host.notified[-1] == "STOPPING"
+    assert host.fleet.stop(host.now) == []  # a second SIGTERM changes nothing
     for proc in list(host.procs.values()):
         host.exit_proc(proc, 0)
     assert host.exit == Exit(ExitStatus.OK)
@@ -404,3 +406,33 @@ def test_sighup_while_booting_rolls_after_the_boot() -> None:
     assert host.notified == [] and not host.fleet.rolling
     host.report_listening(host.procs[0])
     assert host.notified == ["READY", "RELOADING"] and host.fleet.rolling
+
+
+def test_a_draining_worker_that_never_exits_is_killed_after_the_grace() -> None:
+    host = booted(1)
+    (old,) = host.procs.values()
+    host.apply(host.fleet.hup(host.now))
+    (new,) = [p for p in host.procs.values() if p is not old]
+    host.report_listening(new)
+    assert old.terminated
+    for _ in range(int(SHUTDOWN + RETIRE_GRACE)):
+        host.apply(host.fleet.alive(old.id, host.now))  # its loop runs, its drain never ends
+        host.tick(1.0)
+    assert not old.killed
+    host.apply(host.fleet.alive(old.id, host.now))
+    host.tick(1.0)
+    assert old.killed and any("did not finish draining" in m for _, _, m in host.logs)
+    host.exit_proc(old, -9)
+    assert new.joined and host.fleet.ready_count() == 0
+    host.report_ready(new)
+    assert host.fleet.ready_count() == 1 and host.notified[-1] == "READY"
+
+
+def test_reports_of_unknown_workers_change_nothing() -> None:
+    host = booted(1)
+    for report in (host.fleet.listening, host.fleet.ready, host.fleet.alive):
+        assert report(99, host.now) == []
+    assert host.fleet.exited(99, 0, host.now) == []
+    host.fleet.abandon()
+    (proc,) = host.procs.values()
+    assert host.fleet.exited(proc.id, 1, host.now) == []  # abandoned: nothing is restarted

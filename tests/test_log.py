@@ -27,6 +27,9 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl-_x"
         (f"authorization: bearer  {JWT} rest", "authorization: bearer  *** rest"),
         ("nothing to hide", "nothing to hide"),
         ("token= alone", "token= alone"),
+        (f"/ws?%74oken={JWT}", "/ws?%74oken=***"),
+        (f"/ws?session=s&%54%4F%4B%45%4E={JWT}", "/ws?session=s&%54%4F%4B%45%4E=***"),
+        (f"/ws?t%6Fken={JWT}&x=1", "/ws?t%6Fken=***&x=1"),
     ],
 )
 def test_redact(text: str, expected: str) -> None:

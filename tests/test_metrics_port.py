@@ -11,6 +11,7 @@ import pytest
 from rtc.metrics_port import MAX_SCRAPES, SCRAPE_DEADLINE, MetricsPort
 
 BODY = b"# TYPE up gauge\nup 1\n"
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Port:
@@ -21,7 +22,12 @@ class Port:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
         self.address = listener.getsockname()
-        self.port = MetricsPort(listener, self.selector, lambda: BODY, lambda: self.now)
+        self.accepts: list[str] = []
+        self.port = MetricsPort(listener, self.selector, self.render, lambda: self.now)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        self.accepts.append(accept)
+        return BODY, TEXT
 
     def turn(self) -> None:
         """One loop turn of the supervisor: whatever is ready, then deadlines."""
@@ -64,6 +70,22 @@ def test_scrape_is_served(port: Port) -> None:
     assert b"Content-Length: %d\r\n" % len(BODY) in reply
 
 
+def test_the_accept_header_chooses_the_format(port: Port) -> None:
+    with port.client() as sock:
+        reply = port.exchange(
+            sock, b"GET /metrics?x=1 HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n"
+        )
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and f"Content-Type: {TEXT}\r\n".encode() in reply
+    assert port.accepts == ["application/openmetrics-text"]
+
+
+@pytest.mark.parametrize("path", [b"/", b"/health", b"/metrics/x", b"/metricsx"])
+def test_other_paths_get_404(port: Port, path: bytes) -> None:
+    with port.client() as sock:
+        assert port.exchange(sock, b"GET " + path + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert port.accepts == []
+
+
 def test_other_methods_get_405(port: Port) -> None:
     with port.client() as sock:
         assert port.exchange(sock, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
@@ -76,7 +98,7 @@ def test_endless_request_gets_431(port: Port) -> None:
 
 def test_silent_client_is_dropped_at_its_deadline_while_others_are_served(port: Port) -> None:
     with port.client() as silent, port.client() as other:
-        reply = port.exchange(other, b"GET / HTTP/1.1\r\n\r\n")
+        reply = port.exchange(other, b"GET /metrics HTTP/1.1\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 200")
         port.now += SCRAPE_DEADLINE + 0.1
         port.turn()
@@ -89,7 +111,7 @@ def test_too_many_clients_evict_the_oldest(port: Port) -> None:
     try:
         clients[0].settimeout(2)
         assert clients[0].recv(1) == b""
-        assert port.exchange(clients[-1], b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200")
+        assert port.exchange(clients[-1], b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200")
     finally:
         for sock in clients:
             sock.close()

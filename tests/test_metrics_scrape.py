@@ -16,6 +16,7 @@ import asyncio
 import json
 import re
 import subprocess
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.client import Client
@@ -72,8 +74,8 @@ def fetch(host: Host, path: str, port: int | None = None, accept: str | None = N
 
 
 def scrape(host: Host) -> str:
-    """What Prometheus gets from the host's metrics port."""
-    got = fetch(host, "/metrics", port=host.metrics_port, accept=PROMETHEUS_ACCEPT)
+    """The host's metrics port in Prometheus text (what promtool checks)."""
+    got = fetch(host, "/metrics", port=host.metrics_port, accept="text/plain;version=0.0.4")
     assert got.status == 200
     assert got.content_type.startswith("text/plain"), got.content_type
     return got.text
@@ -316,6 +318,40 @@ def test_public_metrics_json_summary(scrapes: Scrapes) -> None:
         assert summary["active_connections"] == value(text, "active_connections")
         for name in SEED_TYPES:
             assert isinstance(summary[name], int), (name, summary)
+        # docs/operations.md documents each of these fields
+        assert summary["node"] == host.node_id and summary["draining"] is False
+        assert set(summary["latency_ms"]) == {"p50", "p90", "p99"}
+        assert sum(w["connections"] for w in summary["workers"]) == connected
+
+
+def test_openmetrics_when_prometheus_asks_for_it(scrapes: Scrapes) -> None:
+    """Prometheus prefers OpenMetrics in its Accept header: both ports answer in it."""
+    for host in scrapes.hosts:
+        for port in (host.metrics_port, host.port):
+            got = fetch(host, "/metrics", port=port, accept=PROMETHEUS_ACCEPT)
+            assert got.status == 200
+            assert got.content_type.startswith("application/openmetrics-text"), got.content_type
+            assert got.text.endswith("# EOF\n")
+            names = {s.name for f in openmetrics_families(got.text) for s in f.samples}
+            assert {"active_connections", "messages_sent_total", "rtc_forwarded_total"} <= names
+
+
+def test_metrics_port_answers_only_get_metrics(scrapes: Scrapes) -> None:
+    host = scrapes.hosts[0]
+    assert host.get("/metrics?x=1", port=host.metrics_port)[0] == 200
+    for path in ("/health", "/", "/metrics/extra"):
+        assert host.get(path, port=host.metrics_port)[0] == 404, path
+    request = urllib.request.Request(f"http://{host.host}:{host.metrics_port}/metrics", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 405
+    refused.value.close()
+
+
+def test_drains_are_counted_per_worker_from_start(scrapes: Scrapes) -> None:
+    workers = {str(i) for i in range(WORKERS)}
+    for what, text in all_scrapes(scrapes):
+        assert per_worker(text, "rtc_drains_total") == dict.fromkeys(workers, 0.0), what
 
 
 # --- (e) the routing counters ------------------------------------------------------------------

@@ -83,7 +83,7 @@ async def received(recorder: Recorder, count: int) -> dict[bytes, list[bytes]]:
 def test_cluster_seeds_are_redis_urls_and_exclude_a_single_server() -> None:
     chosen = settings("--redis-cluster", "redis://10.0.0.1:7000, redis://:secret@10.0.0.2")
     assert chosen.redis_cluster == ("redis://10.0.0.1:7000", "redis://:secret@10.0.0.2")
-    assert not chosen.embedded_redis and not chosen.demo_enabled
+    assert not chosen.embedded_redis and not chosen.demo
     for bad in ("rediss://h:7000", "redis://h:port", "redis://h:7000/2", "redis://:7000"):
         assert config_error("--redis-cluster", bad).startswith("--redis-cluster"), bad
     both = config_error("--redis-cluster", "redis://h:7000", "--redis-url", "redis://h:6379")
@@ -192,13 +192,14 @@ async def test_members_and_presence_across_slots(
         events = await received(recorder, 2)
         assert events == {channel: [b'0 0 {"p":"carol"}', b'0 0 {"p":"dave"}']}
         assert await a.members(room, 1000) == (2, ["carol", "dave"])
-        assert await b.leave(room, "h2:1", "carol") is True
-        assert await a.presence_gone(room, "carol", b"gone", 100) is False  # still on h1:0
+        assert await b.leave(room, "h2:1", "carol", 0, 15) is True
+        assert await a.sweep(room, (b"<", b">"), 100) == []  # still on h1:0
         await a.refresh_members("h1:0", [room], 7)
         assert 0 < inspector.ttl(keys.members(room, "h1:0")) <= 7  # type: ignore[operator]
+        assert 0 < inspector.ttl(keys.presence(room)) <= 7  # type: ignore[operator]
         inspector.delete(keys.members(room, "h1:0"))  # h1:0 died: its key expired
-        assert await b.presence_gone(room, "carol", b"gone", 100) is True
-        assert await received(recorder, 1) == {channel: [b"0 0 gone"]}
+        assert await b.sweep(room, (b"<", b">"), 100) == ["carol"]
+        assert await received(recorder, 1) == {channel: [b'0 0 <"carol">']}
         assert await a.members(room, 1000) == (1, ["dave"])
 
 

@@ -4,6 +4,7 @@ port that a silent client cannot stall."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
@@ -15,7 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.client import ResilientPublisher, ResumingClient
 from tests.rtcproc import Host, RedisServer, hosts, ring_view, wait_for
+from tests.test_lifecycle import FAST, assert_complete
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,7 +108,7 @@ def test_roll_finishes_when_a_replacement_dies_before_listening(
 def test_hung_worker_is_killed_and_replaced(redis_server: RedisServer) -> None:
     """A worker whose loop stops (SIGSTOP) is SIGKILLed after --worker-timeout and its
     slot is served by a replacement that takes it back in the ring."""
-    with hosts(("hung", redis_server.url), env={"RTC_WORKER_TIMEOUT": "2"}) as (host,):
+    with hosts(("hung", redis_server.url), env={"RTC_WORKER_TIMEOUT": "3"}) as (host,):
         victim, survivor = host.worker_pids()
         slots = ring_view(host)
         assert slots == ["hung:0", "hung:1"]
@@ -117,7 +120,30 @@ def test_hung_worker_is_killed_and_replaced(redis_server: RedisServer) -> None:
         assert survivor in host.worker_pids()
         wait_for(lambda: all(ring_view(host) == slots for _ in range(4)), 10, "the slot back in the ring")
         assert "did not report alive" in host.log()
-        print(f"\nhung worker killed {killed_after:.1f}s after SIGSTOP (--worker-timeout 2)")
+        print(f"\nhung worker killed {killed_after:.1f}s after SIGSTOP (--worker-timeout 3)")
+
+
+async def test_clients_of_a_hung_worker_resume_without_loss(redis_server: RedisServer) -> None:
+    """Members and a publisher on a host whose worker hangs: once it is killed they
+    reconnect with their sessions, and every published message reaches every member."""
+    with hosts(("hung-load", redis_server.url), args=FAST, env={"RTC_WORKER_TIMEOUT": "3"}) as (host,):
+        members = [ResumingClient([host.ws], f"h{i}", ["hung-room"]) for i in range(16)]
+        await asyncio.gather(*(m.start() for m in members))
+        publisher = ResilientPublisher([host.ws], "hung-room", interval=0.02)
+        await publisher.start()
+        await asyncio.sleep(0.5)
+        victim = host.worker_pids()[0]
+        psutil.Process(victim).suspend()
+        await asyncio.to_thread(wait_for, lambda: not psutil.pid_exists(victim), 10, "the hung worker killed")
+        await asyncio.to_thread(wait_for, lambda: replaced(host, [victim]), 10, "a replacement")
+        await asyncio.sleep(1.5)
+        last = await publisher.stop()
+        await asyncio.sleep(0.5)
+        for member in members:
+            await member.stop()
+        assert any(m.reconnects for m in members), "no member was on the hung worker"
+        assert_complete(members, "hung-room", last)
+        assert sorted(publisher.acked.values()) == list(range(1, last + 1))
 
 
 def test_overrun_stop_exits_non_zero(redis_server: RedisServer) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import compare, report, scenarios
+from bench.loadgen import compare, plot, report, scenarios
 from bench.loadgen.fleet import WorkerError
 from bench.loadgen.scenarios import FleetParams, RampParams, Target
 from bench.loadgen.servers import KINDS
@@ -130,6 +130,16 @@ def _add_storm(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ping-interval", type=_positive_float, default=0.02, help="seconds")
 
 
+def _add_soak(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("soak")
+    g.add_argument("--conns", type=_positive_int, default=1000, help="sockets")
+    g.add_argument("--rooms", type=_positive_int, default=100, help="rooms they join")
+    g.add_argument("--seconds", type=_positive_float, default=600.0, help="how long")
+    g.add_argument("--interval", type=_positive_float, default=10.0, help="seconds per sample")
+    g.add_argument("--rate", type=_positive_float, default=100.0, help="publishes/s, all rooms")
+    g.add_argument("--plot", type=Path, help="write RSS, fds and loop stall over time here (PNG)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     sub = parser.add_subparsers(dest="scenario", required=True)
@@ -140,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         "direct": ("1:1 direct messages, rising rate", [_add_ramp, _add_users]),
         "churn": ("connect/join/close loops", [_add_churn]),
         "storm": ("connect storm, then drop all and resume storm", [_add_storm]),
+        "soak": ("hold sockets with traffic; RSS, fds, loop stalls over time", [_add_soak]),
     }
     for name, (help_text, adders) in specs.items():
         p = sub.add_parser(name, help=help_text)
@@ -211,6 +222,11 @@ def _run_scenario(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("cross needs --url for at least two hosts")
     target = Target("server", args.protocol, tuple(args.url), tuple(args.server_pid), tuple(args.redis_url))
     fleet = _fleet(args)
+    if args.scenario == "soak":
+        result = scenarios.soak(target, fleet, args.conns, args.rooms, args.seconds, args.interval, args.rate)
+        if args.plot:
+            plot.soak_over_time(result, args.plot)
+        return result
     if args.scenario == "storm":
         return scenarios.storm(target, fleet, args.conns, args.rooms, args.probes, args.ping_interval)
     if args.scenario == "idle":

@@ -21,6 +21,7 @@ __all__ = [
     "Open",
     "OpenReply",
     "PingReply",
+    "PingSample",
     "PingStart",
     "PingStarted",
     "PingStop",
@@ -103,6 +104,11 @@ class PingStart:
 class PingStarted:
     ports: list[int] = field(default_factory=list)  # each connected probe's local port, in order
     failed: Counter[str] = field(default_factory=Counter)  # probes that could not connect
+
+
+@dataclass(frozen=True)
+class PingSample:
+    """Each probe's round trips since the last sample (the probes keep pinging)."""
 
 
 @dataclass(frozen=True)
@@ -190,5 +196,5 @@ class Failed:
     traceback: str
 
 
-Command = Open | Drop | Resume | Traffic | Churn | PingStart | PingStop | CloseAll | Stop
+Command = Open | Drop | Resume | Traffic | Churn | PingStart | PingSample | PingStop | CloseAll | Stop
 Reply = OpenReply | DropReply | TrafficReply | ChurnReply | PingStarted | PingReply | CloseReply | Failed

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # headless: only ever writes files
 import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-__all__ = ["latency_vs_load"]
+__all__ = ["latency_vs_load", "soak_over_time"]
 
 _PANELS = (("fanout", "fanout (one room)"), ("cross", "cross (2 hosts)"), ("direct", "direct 1:1"))
 
@@ -44,4 +44,30 @@ def latency_vs_load(results: dict[str, dict[str, dict[str, Any]]], p99_limit_ms:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def soak_over_time(result: dict[str, Any], path: Path) -> None:
+    """RSS, open fds (per server process) and longest loop stall (per worker) against time."""
+    samples = result["samples"]
+    if not samples:
+        return
+    ts = [s["t"] for s in samples]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    panels = (("rss_mib", "RSS MiB"), ("fds", "open file descriptors"))
+    for ax, (key, label) in zip(axes[:2], panels, strict=True):
+        for pid in samples[0]["processes"]:
+            ax.plot(ts, [s["processes"].get(pid, {}).get(key) for s in samples], label=f"pid {pid}")
+        ax.set(title=label, xlabel="seconds", ylim=(0, None))
+    for pid in samples[0]["longest_stall_ms"]:
+        axes[2].plot(ts, [s["longest_stall_ms"].get(pid) for s in samples], label=f"worker {pid}")
+    axes[2].set(title="longest ping round trip per interval (ms)", xlabel="seconds", ylim=(0, None))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(
+        f"soak: {result['opened']:,} sockets, {result['rooms']} rooms, {result['rate']:g} publishes/s"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

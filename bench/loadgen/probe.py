@@ -11,7 +11,15 @@ import redis
 
 from rtc import keys
 
-__all__ = ["CpuMeter", "commands_between", "owners", "redis_commandstats", "shard_distribution", "tree_rss"]
+__all__ = [
+    "CpuMeter",
+    "commands_between",
+    "owners",
+    "process_stats",
+    "redis_commandstats",
+    "shard_distribution",
+    "tree_rss",
+]
 
 
 def _tree(pids: Iterable[int]) -> list[psutil.Process]:
@@ -69,6 +77,20 @@ class CpuMeter:
             return None
         wall = time.monotonic() - self._wall
         return round(100.0 * (self._cpu_seconds() - self._cpu) / wall, 1) if wall > 0 else None
+
+
+def process_stats(pids: Iterable[int]) -> dict[str, dict[str, float]]:
+    """RSS (MiB) and open file descriptors of every process in the trees of ``pids``."""
+    stats: dict[str, dict[str, float]] = {}
+    for proc in _tree(pids):
+        try:
+            stats[str(proc.pid)] = {
+                "rss_mib": round(proc.memory_info().rss / 2**20, 1),
+                "fds": proc.num_fds(),
+            }
+        except psutil.NoSuchProcess:
+            continue
+    return stats
 
 
 def owners(pids: Iterable[int], server_port: int, client_ports: Iterable[int]) -> dict[int, int]:

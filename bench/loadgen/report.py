@@ -73,6 +73,13 @@ def summary(result: Result) -> str:
             f" {_fmt(result['cycles_per_s'])} cycles/s, failed {result['failed']:,}"
             f" {result['errors']}, handshake p99 {_fmt(result['connect_latency']['p99_ms'])} ms"
         )
+    if name == "soak" and result["samples"]:
+        stalls = [v for s in result["samples"] for v in s["longest_stall_ms"].values() if v is not None]
+        lines.append(
+            f"{len(result['samples'])} samples over {result['seconds']:g} s; RSS MiB first/last"
+            f" {result['drift'].get('rss_mib')}, fds first/last {result['drift'].get('fds')},"
+            f" longest loop stall {max(stalls, default=None)} ms"
+        )
     for phase in ("connect", "resume"):
         if phase in result:
             lines.append(_storm_line(phase, result[phase]))

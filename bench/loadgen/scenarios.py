@@ -6,6 +6,8 @@
   URLs of two or more hosts sharing Redis (members alternate between them).
 - ``direct``: N users each sending 1:1 messages to the next one, at a rising rate.
 - ``churn``: connect, handshake, join and close in a loop; cycles/s.
+- ``soak``: hold N sockets with steady room traffic for a long time, sampling the
+  server's RSS, open fds and longest loop stall per worker over time.
 - ``storm``: N sockets connect and join at once; then all drop at once and reconnect
   with their session (a host failover); wall time of each, failed connects, and the
   ping round trips of every server worker's loop meanwhile.
@@ -29,6 +31,7 @@ from bench.loadgen.commands import (
     Open,
     OpenReply,
     PingReply,
+    PingSample,
     PingStart,
     PingStarted,
     PingStop,
@@ -38,11 +41,18 @@ from bench.loadgen.commands import (
     WorkerSetup,
 )
 from bench.loadgen.fleet import Fleet
-from bench.loadgen.probe import CpuMeter, commands_between, owners, redis_commandstats, tree_rss
+from bench.loadgen.probe import (
+    CpuMeter,
+    commands_between,
+    owners,
+    process_stats,
+    redis_commandstats,
+    tree_rss,
+)
 from bench.loadgen.stats import Histogram
 from bench.loadgen.system import source_address
 
-__all__ = ["FleetParams", "RampParams", "Target", "churn", "direct", "fanout", "idle", "storm"]
+__all__ = ["FleetParams", "RampParams", "Target", "churn", "direct", "fanout", "idle", "soak", "storm"]
 
 Result = dict[str, Any]
 _MIB = 1024 * 1024
@@ -397,10 +407,19 @@ class _LoopProbes:
         self._owner = [found.get(p) for p in started.ports]
         self._failed = dict(started.failed)
 
+    def sample(self) -> dict[str, Any]:
+        """Round trips per worker since the last sample; the probes keep pinging."""
+        (reply,) = self._fleet.call([PingSample()], 60.0)
+        assert isinstance(reply, PingReply)
+        return self._summaries(reply)
+
     def stop(self) -> dict[str, Any]:
         """p99 and max round trip per server worker PID (probes whose owner was not found: "?")."""
         (reply,) = self._fleet.call([PingStop()], 60.0)
         assert isinstance(reply, PingReply)
+        return self._summaries(reply)
+
+    def _summaries(self, reply: PingReply) -> dict[str, Any]:
         per_worker: dict[str, Histogram] = {}
         for owner, pongs in zip(self._owner, reply.pongs, strict=True):
             per_worker.setdefault(str(owner or "?"), Histogram()).merge(pongs)
@@ -476,3 +495,66 @@ def _storm_phase(
         figures["redis_commands_per_connect"] = round(sum(commands.values()) / opened.opened, 2)
     time.sleep(_SETTLE)  # what the server does after the last joined (presence) settles
     return figures
+
+
+def soak(
+    target: Target, fp: FleetParams, conns: int, rooms: int, seconds: float, interval: float, rate: float
+) -> Result:
+    """Hold ``conns`` sockets over ``rooms`` rooms; publish ``rate`` messages/s for ``seconds``.
+
+    Every ``interval`` s: each server process's RSS and open fds, and each worker's
+    longest ping round trip (its longest loop stall, as a client sees it) and p99.
+    """
+    specs = _specs(target, fp, conns, lambda i: f"{fp.tag}-r{i % rooms}")
+    samples: list[Result] = []
+    loop_probes = _LoopProbes(target, fp, 8, 0.02)
+    try:
+        with _fleet(target, fp, conns, pause=interval) as fleet:
+            opened, connect_seconds = _open(fleet, specs, fp)
+            n = len(fleet)
+            loop_probes.start()
+            started = time.monotonic()
+            while time.monotonic() - started < seconds:
+                command = Traffic("room", rate / n, interval, 64)
+                replies = fleet.call([command] * n, interval + command.max_wait + _CONTROL_SLACK)
+                traffic = TrafficReply()
+                for reply in replies:
+                    assert isinstance(reply, TrafficReply)
+                    traffic.delivered += reply.delivered
+                    traffic.latency.merge(reply.latency)
+                    traffic.dropped += reply.dropped
+                    traffic.errors.update(reply.errors)
+                pings = loop_probes.sample()
+                samples.append(
+                    {
+                        "t": round(time.monotonic() - started, 1),
+                        "deliveries_per_s": round(traffic.delivered / interval, 1),
+                        "p99_ms": traffic.latency.percentile(0.99),
+                        "errors": dict(traffic.errors),
+                        "dropped": traffic.dropped,
+                        "processes": process_stats(target.pids),
+                        "longest_stall_ms": {
+                            pid: s["max_ms"] for pid, s in pings.items() if pid != "probes_failed"
+                        },
+                    }
+                )
+            loop_probes.stop()
+            closed = _close(fleet)
+    finally:
+        loop_probes.close()
+    result: Result = {"scenario": "soak", "conns": conns, "rooms": rooms, "seconds": seconds, "rate": rate}
+    result |= _connect_figures(opened, connect_seconds)
+    result |= {"samples": samples, "drift": _drift(samples), "dropped": closed.dropped}
+    result["integrity"] = closed.integrity.as_dict()
+    return result
+
+
+def _drift(samples: list[Result]) -> dict[str, Any]:
+    """Summed RSS and fds of the server at the first and last sample: flat means unchanged."""
+    if len(samples) < 2:
+        return {}
+    first, last = samples[0]["processes"], samples[-1]["processes"]
+    return {
+        name: [round(sum(p[name] for p in ends.values()), 1) for ends in (first, last)]
+        for name in ("rss_mib", "fds")
+    }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 import time
 import traceback
 from dataclasses import replace
@@ -38,6 +39,7 @@ from bench.loadgen.commands import (
     Open,
     OpenReply,
     PingReply,
+    PingSample,
     PingStart,
     PingStarted,
     PingStop,
@@ -82,6 +84,25 @@ def _reason(exc: BaseException) -> str:
 
 
 _CONNECT_ERRORS = (OSError, TimeoutError, picows.WSError, HandshakeError)
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2+
+
+
+def _bound_socket(source: str) -> socket.socket:
+    """A socket bound to ``source`` whose port is picked at connect, not at bind.
+
+    Binding port 0 makes the kernel search for a port free for *any* destination: with
+    ten thousand sockets on one address that search is linear, and a storm's connects
+    queue behind it. With IP_BIND_ADDRESS_NO_PORT the port is chosen per 4-tuple.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Client(picows.WSListener):  # type: ignore[misc]
@@ -225,6 +246,8 @@ class Worker:
                 return await self._churn(command)
             case PingStart():
                 return await self._ping_start(command)
+            case PingSample():
+                return self._ping_sample()
             case PingStop():
                 return await self._ping_stop()
             case CloseAll():
@@ -257,7 +280,7 @@ class Worker:
         transport, client = await picows.ws_connect(
             lambda: Client(self, spec, token),
             url,
-            local_addr=(spec.source, 0),
+            socket_factory=lambda _url: _bound_socket(spec.source),
             max_frame_size=_MAX_FRAME,
             read_buffer_init_size=_READ_BUFFER,
             websocket_handshake_timeout=None,  # the caller's timeout bounds it
@@ -369,6 +392,12 @@ class Worker:
                 probe.send(self.proto.ping(now))
             tick += interval
             await asyncio.sleep(max(tick - loop.time(), 0.0))
+
+    def _ping_sample(self) -> PingReply:
+        reply = PingReply([p.pongs or Histogram() for p in self._probes])
+        for probe in self._probes:
+            probe.pongs = Histogram()
+        return reply
 
     async def _ping_stop(self) -> PingReply:
         if self._pinger is not None:

@@ -2,10 +2,10 @@
 
 from rtc.broker.base import Broker, BrokerHandler, SlotTaken
 from rtc.broker.cluster import ClusterBroker
-from rtc.broker.redis import RedisBroker
+from rtc.broker.redis import LOST, RedisBroker
 from rtc.config import Settings
 
-__all__ = ["Broker", "BrokerHandler", "ClusterBroker", "RedisBroker", "SlotTaken", "make_broker"]
+__all__ = ["LOST", "Broker", "BrokerHandler", "ClusterBroker", "RedisBroker", "SlotTaken", "make_broker"]
 
 
 def make_broker(settings: Settings, handler: BrokerHandler, worker: str) -> Broker:

@@ -29,6 +29,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import SlotNotCoveredError
 
+from rtc import keys
 from rtc.broker.base import BrokerHandler
 from rtc.broker.redis import LOST, RedisCore, Subscriptions, client_options, stop_task
 
@@ -104,6 +105,13 @@ class ClusterBroker(RedisCore):
         await self._batch.close()
         await self._messages.close()
         await self._cluster.aclose()
+
+    def _groups(self, rooms: list[str]) -> list[list[str]]:
+        """A script call's keys must share a hash slot: rooms are grouped by theirs."""
+        by_slot: dict[int, list[str]] = {}
+        for room in rooms:
+            by_slot.setdefault(key_slot(keys.room_meta(room).encode()), []).append(room)
+        return list(by_slot.values())
 
     # -- routing ----------------------------------------------------------------------------
 

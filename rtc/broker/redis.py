@@ -44,6 +44,7 @@ log = logging.getLogger("rtc.broker")
 _PING_EVERY = 5.0
 _SILENCE_LIMIT = 15.0  # no reply to a PING this long: the pub/sub connection is dead
 _TIMEOUT = 5.0
+_ROOMS_PER_CALL = 256  # rooms one SEQUENCE call takes: a few ms of Redis at most
 # What a lost or misrouted pub/sub connection raises (RedisClusterException is no RedisError).
 LOST = (TimeoutError, RedisError, RedisClusterException, OSError, ConnectionError)
 _MESSAGE = frozenset({"message", "smessage"})
@@ -414,30 +415,39 @@ class RedisCore(ABC):
         self, room: str, batch: Sequence[Unsequenced], history_size: int, ttl: int
     ) -> Sequenced:
         """Give a batch of publishes their seqs, append them to history, fan them out."""
-        script_keys, args = _sequence_call(room, batch, history_size, ttl)
+        script_keys, args = _sequence_call([(room, batch)], history_size, ttl)
         with self._timed("sequence"):
-            reply = await self._scripts["SEQUENCE"](keys=script_keys, args=args)
+            (reply,) = await self._scripts["SEQUENCE"](keys=script_keys, args=args)
         return _sequenced(reply)
 
     async def sequence_many(
         self, batches: Mapping[str, Sequence[Unsequenced]], history_size: int, ttl: int
     ) -> dict[str, Sequenced | Exception]:
-        """`sequence` for several rooms in one round trip (EVALSHA each, in one pipeline)."""
+        """`sequence` for several rooms in one round trip: one script call per group of
+        rooms (`_groups`), each sequencing all of its rooms' batches."""
         script = self._scripts["SEQUENCE"]
-        rooms = list(batches)
+        groups = self._groups(list(batches))
         replies = [
-            self._messages.script(script, *_sequence_call(room, batches[room], history_size, ttl))
-            for room in rooms
+            self._messages.script(
+                script, *_sequence_call([(room, batches[room]) for room in group], history_size, ttl)
+            )
+            for group in groups
         ]
         with self._timed("sequence"):
             answers = await asyncio.gather(*replies, return_exceptions=True)
         results: dict[str, Sequenced | Exception] = {}
-        for room, reply in zip(rooms, answers, strict=True):
-            if isinstance(reply, BaseException):
-                results[room] = reply if isinstance(reply, Exception) else RuntimeError(reply)
-            else:
-                results[room] = _sequenced(reply)
+        for group, answer in zip(groups, answers, strict=True):
+            for index, room in enumerate(group):
+                if isinstance(answer, BaseException):
+                    results[room] = answer if isinstance(answer, Exception) else RuntimeError(answer)
+                else:
+                    results[room] = _sequenced(answer[index])
         return results
+
+    def _groups(self, rooms: list[str]) -> list[list[str]]:
+        """Rooms one script call may sequence together: on one server, all (in chunks that
+        keep each call short, since Redis runs nothing else meanwhile)."""
+        return [rooms[i : i + _ROOMS_PER_CALL] for i in range(0, len(rooms), _ROOMS_PER_CALL)]
 
     async def history(self, room: str, after: int, upto: int) -> list[tuple[int, bytes]]:
         """Frames with seq in (after, upto], as far as history still has them."""
@@ -460,7 +470,12 @@ class RedisCore(ABC):
         with self._timed("membership"):
             estimate = await self._batch.script(
                 self._scripts["JOIN"],
-                [keys.members(room, slot), keys.member_slots(room), keys.presence(room)],
+                [
+                    keys.members(room, slot),
+                    keys.member_slots(room),
+                    keys.presence(room),
+                    keys.pending_leaves(room),
+                ],
                 [
                     user,
                     slot,
@@ -473,20 +488,26 @@ class RedisCore(ABC):
             )
         return int(estimate)
 
-    async def leave(self, room: str, slot: str, user: str) -> bool:
-        """True when this slot has no connection of `user` in `room` any more."""
-        with self._timed("membership"):
-            return bool(await self._batch.script(self._scripts["LEAVE"], [keys.members(room, slot)], [user]))
-
-    async def presence_gone(self, room: str, user: str, presence: bytes, presence_max: int) -> bool:
+    async def leave(self, room: str, slot: str, user: str, delay_ms: int, ttl: int) -> bool:
+        """True when this slot has no connection of `user` in `room` any more (a leave is pending)."""
         with self._timed("membership"):
             return bool(
                 await self._batch.script(
-                    self._scripts["PRESENCE_GONE"],
-                    [keys.member_slots(room), keys.presence(room)],
-                    [user, keys.members(room, ""), keys.room_channel(room), presence, presence_max],
+                    self._scripts["LEAVE"],
+                    [keys.members(room, slot), keys.pending_leaves(room)],
+                    [user, delay_ms, ttl],
                 )
             )
+
+    async def sweep(self, room: str, leave: tuple[bytes, bytes], presence_max: int) -> list[str]:
+        """Announce the due leaves of `room` (`leave` is the frame around the user's JSON)."""
+        with self._timed("membership"):
+            gone = await self._batch.script(
+                self._scripts["SWEEP"],
+                [keys.member_slots(room), keys.presence(room), keys.pending_leaves(room)],
+                [keys.members(room, ""), keys.room_channel(room), presence_max, *leave],
+            )
+        return [_text(user) for user in gone]
 
     async def members(self, room: str, limit: int) -> tuple[int, list[str]]:
         with self._timed("membership"):
@@ -496,13 +517,15 @@ class RedisCore(ABC):
         return int(count), [u.decode() for u in users]
 
     async def refresh_members(self, slot: str, rooms: Sequence[str], ttl: int) -> None:
-        """Keep this slot's membership keys alive; a dead worker's expire on their own."""
+        """Keep this slot's membership (and its rooms' presence) alive; a dead worker's expires."""
         if not rooms:
             return
         with self._timed("membership"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for room in rooms:
                     pipe.expire(keys.members(room, slot), ttl)
+                    pipe.expire(keys.member_slots(room), ttl)
+                    pipe.expire(keys.presence(room), ttl)
                 await pipe.execute()
 
     # -- sessions ------------------------------------------------------------------------------
@@ -612,17 +635,22 @@ async def stop_task(task: asyncio.Task[None] | None) -> None:
 
 
 def _sequence_call(
-    room: str, batch: Sequence[Unsequenced], history_size: int, ttl: int
+    batches: Sequence[tuple[str, Sequence[Unsequenced]]], history_size: int, ttl: int
 ) -> tuple[list[str], list[Any]]:
-    """Keys and arguments of the SEQUENCE script for one room's batch."""
-    script_keys = [keys.room_meta(room), keys.room_history(room)]
-    args: list[Any] = [keys.room_channel(room), history_size, ttl, len(batch)]
-    for item in batch:
-        index = 0
-        if item.dedup is not None:
-            script_keys.append(keys.dedup(room, item.dedup))
-            index = len(script_keys)
-        args.extend((item.head, item.tail, item.ts, index))
+    """Keys and arguments of the SEQUENCE script for some rooms' batches."""
+    script_keys: list[str] = []
+    args: list[Any] = [history_size, ttl, len(batches)]
+    for room, batch in batches:
+        room_keys = [keys.room_meta(room), keys.room_history(room)]
+        items: list[Any] = []
+        for item in batch:
+            index = 0
+            if item.dedup is not None:
+                room_keys.append(keys.dedup(room, item.dedup))
+                index = len(room_keys)
+            items.extend((item.head, item.tail, item.ts, index))
+        script_keys.extend(room_keys)
+        args.extend((len(room_keys), keys.room_channel(room), len(batch), *items))
     return script_keys, args
 
 

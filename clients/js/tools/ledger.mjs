@@ -102,5 +102,5 @@ const caughtUp = () =>
 const deadline = Date.now() + 60000;
 while (!caughtUp() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
 for (const client of clients) client.close();
-console.log(JSON.stringify(ledger));
-process.exit(0);
+// Exit only once the pipe took it all: a large ledger is written in several chunks.
+process.stdout.write(`${JSON.stringify(ledger)}\n`, () => process.exit(0));

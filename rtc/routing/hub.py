@@ -1,0 +1,459 @@
+"""Local rooms as a pure state machine: feed it records and outcomes, act on its effects.
+
+The hub keeps, per room with local members, what decides what a member may see next:
+the cursor (last seq delivered here), the epoch, the backlog of records that arrived
+while the room was opening or filling a hole, the frames queued for this loop turn, and
+the members whose replay is still being sent (their live frames are held back).
+
+It does no I/O and knows no clock (python-websockets' `Protocol` is the model): the
+caller feeds it what arrived (`receive`), what it fetched (`opened`, `filled`,
+`resynced`) or failed to fetch, and carries out the effects it returns:
+
+- `Flush`: frames were queued for the room; call `flush` at the end of the loop turn,
+  which returns the `Write` (one write per member per turn: the fan-out's cost is its
+  send syscalls).
+- `Write`: write `data` to each of `members`. Its `marks` say where each frame ends in
+  `data` and the seq it brings the room to, so a session checkpoint can count every frame
+  that left a socket's buffer (`rtc.routing.checkpoint`).
+- `Fill`: read history (after, upto] (after `delay` seconds) and call `filled`, or
+  `fill_failed` when the read failed.
+- `Resync`: read the room's seq and epoch (after `delay`) and call `resynced`, or
+  `resync_failed`.
+- `Restart`: history was lost (a new epoch): tell `members` they start over at `seq`.
+- `Delivered`, `Gap`: a message went out to `members` members / seqs first..last were
+  announced lost; for metrics and logs (the gap frame itself is already queued).
+
+A seq above cursor + 1 means pub/sub dropped something: the hub asks for a fill and
+delivers nothing further until it is done, so a hole is filled or announced, never
+silent. A transient read failure is retried with backoff; only after
+`FILL_ATTEMPTS` failures, or for seqs history no longer holds, is a `gap` announced.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Hashable, Mapping
+from dataclasses import dataclass, field, replace
+from itertools import accumulate
+from typing import Generic, Protocol, TypeVar
+
+import orjson
+
+from rtc.protocol import encode, wire_text
+from rtc.routing.checkpoint import Marks
+from rtc.routing.records import Record, decode_records
+
+__all__ = [
+    "BACKLOG_MAX",
+    "FILL_ATTEMPTS",
+    "Delivered",
+    "Effect",
+    "Fill",
+    "Flush",
+    "Gap",
+    "Hub",
+    "Member",
+    "Phase",
+    "Restart",
+    "Resync",
+    "Room",
+    "Write",
+    "retry_delay",
+]
+
+FILL_ATTEMPTS = 8  # about 15 s of retries before unreadable history counts as lost
+BACKLOG_MAX = 10_000  # records kept while filling; past it, history serves them instead
+
+
+class Member(Hashable, Protocol):
+    """What the hub needs of a member: presence events skip their own subject."""
+
+    @property
+    def user(self) -> str: ...
+
+
+M = TypeVar("M", bound=Member)
+
+
+class Phase(enum.Enum):
+    OPENING = "opening"  # subscribed, seq and epoch not read yet
+    LIVE = "live"
+    FILLING = "filling"  # a history read (or a resync) is outstanding
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Write(Generic[M]):
+    room: str
+    members: Collection[M]
+    data: bytes
+    marks: Marks
+    # Members of these users get this instead (their own presence events left out; empty
+    # data: nothing to write to them).
+    variants: Mapping[str, tuple[bytes, Marks]] = field(default_factory=dict)
+
+    @property
+    def cursor(self) -> int:
+        """The seq the room is at once all of `data` is out."""
+        return self.marks[-1][1]
+
+    def for_member(self, member: M) -> tuple[bytes, Marks]:
+        """What `member` is written: `data`, or its user's variant."""
+        if self.variants:
+            variant = self.variants.get(member.user)
+            if variant is not None:
+                return variant
+        return self.data, self.marks
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    room: str
+    after: int
+    upto: int
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    room: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Restart(Generic[M]):
+    room: str
+    members: Collection[M]
+    seq: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    room: str
+    seq: int
+    ts: int
+    members: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    room: str
+    first: int
+    last: int
+
+
+Effect = Flush | Write[M] | Fill | Resync | Restart[M] | Delivered | Gap
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before retry `attempt` (1, 2, …) of a failed read: doubling, capped."""
+    return float(min(0.1 * 2 ** (attempt - 1), 4.0))
+
+
+@dataclass(eq=False, slots=True)
+class Room(Generic[M]):
+    """One room's delivery state on this worker."""
+
+    name: str
+    members: set[M] = field(default_factory=set)
+    held: dict[M, list[tuple[bytes, Marks]]] = field(default_factory=dict)  # replaying: frames wait
+    cursor: int = 0
+    epoch: str = ""
+    phase: Phase = Phase.OPENING
+    backlog: list[Record] = field(default_factory=list)
+    known: int = 0  # highest seq seen, also of records the full backlog turned away
+    outgoing: list[bytes] = field(default_factory=list)
+    outgoing_seqs: list[int] = field(default_factory=list)  # the seq after each outgoing frame
+    outgoing_subjects: dict[int, str] = field(default_factory=dict)  # index of a presence event: its user
+    fill_upto: int = 0
+    attempts: int = 0  # failed reads of the outstanding fill or resync
+    resync_due: bool = False  # pub/sub came back while filling: resync afterwards
+
+
+class Hub(Generic[M]):
+    """The rooms of one worker; every method returns the effects to carry out, in order."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, Room[M]] = {}
+
+    # -- opening and closing ------------------------------------------------------------
+
+    def open(self, name: str) -> Room[M]:
+        """The room, created (OPENING: records wait in the backlog) if it is new."""
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name)
+        return room
+
+    def opened(self, name: str, seq: int, epoch: str) -> list[Effect[M]]:
+        """The room's seq and epoch as of after the subscription: go live."""
+        room = self.rooms[name]
+        room.cursor, room.epoch = seq, epoch
+        effects: list[Effect[M]] = []
+        self._go_live(room, effects)
+        return effects
+
+    def forget(self, name: str) -> None:
+        self.rooms.pop(name, None)
+
+    # -- members --------------------------------------------------------------------------
+
+    def hold(self, name: str, member: M) -> list[Effect[M]]:
+        """`member` joins (or rejoins) and is replayed to: its live frames wait.
+
+        Frames queued so far go to the other members first: they are up to the cursor,
+        which the joiner's `joined` and replay cover.
+        """
+        room = self.rooms[name]
+        effects: list[Effect[M]] = []
+        self._flush_into(room, effects)
+        room.members.add(member)
+        room.held.setdefault(member, [])
+        return effects
+
+    def release(self, name: str, member: M) -> list[Effect[M]]:
+        """The replay was sent: write what was held back, then deliver live."""
+        room = self.rooms[name]
+        effects: list[Effect[M]] = []
+        self._flush_into(room, effects)
+        held = room.held.pop(member, None)
+        if held:
+            effects.append(Write(name, (member,), *_joined(held)))
+        return effects
+
+    def drop(self, name: str, member: M) -> bool:
+        """`member` leaves; False when it was no member."""
+        room = self.rooms.get(name)
+        if room is None or member not in room.members:
+            return False
+        room.members.discard(member)
+        room.held.pop(member, None)
+        return True
+
+    def holding(self, name: str, member: M) -> bool:
+        room = self.rooms.get(name)
+        return room is not None and member in room.held
+
+    # -- what arrives -----------------------------------------------------------------------
+
+    def receive(self, name: str, payload: bytes) -> list[Effect[M]]:
+        """A message on the room's channel: records in seq order, perhaps with holes."""
+        room = self.rooms.get(name)
+        effects: list[Effect[M]] = []
+        if room is None:
+            return effects
+        records = decode_records(payload)
+        if room.phase is Phase.LIVE:
+            self._process(room, records, effects)
+        else:
+            self._keep(room, records)
+        return effects
+
+    def resubscribed(self, name: str) -> list[Effect[M]]:
+        """Pub/sub came back: what was published meanwhile is in history only."""
+        room = self.rooms.get(name)
+        if room is None or room.phase is Phase.OPENING:
+            return []  # the open reads the seq after subscribing anyway
+        if room.phase is Phase.FILLING:
+            room.resync_due = True
+            return []
+        room.phase = Phase.FILLING
+        room.attempts = 0
+        return [Resync(name, 0.0)]
+
+    def resynced(self, name: str, seq: int, epoch: str) -> list[Effect[M]]:
+        room = self.rooms.get(name)
+        effects: list[Effect[M]] = []
+        if room is None or room.phase is not Phase.FILLING:
+            return effects  # the room was closed (and maybe reopened) meanwhile
+        room.attempts = 0
+        if epoch != room.epoch:
+            # History was lost (Redis restarted): members start over from this epoch.
+            self._flush_into(room, effects)
+            room.epoch, room.cursor = epoch, seq
+            room.known = seq  # the backlog holds only records from after the resubscribe
+            effects.append(Restart(name, tuple(room.members), seq, epoch))
+            self._go_live(room, effects)
+        else:
+            room.known = max(room.known, seq)  # the backlog first; history for what it lacks
+            self._go_live(room, effects)
+        return effects
+
+    def resync_failed(self, name: str) -> list[Effect[M]]:
+        """Reading the room's seq failed: retry; after the last attempt, carry on live."""
+        room = self.rooms.get(name)
+        effects: list[Effect[M]] = []
+        if room is None or room.phase is not Phase.FILLING:
+            return effects  # the room was closed (and maybe reopened) meanwhile
+        room.attempts += 1
+        if room.attempts < FILL_ATTEMPTS:
+            effects.append(Resync(name, retry_delay(room.attempts)))
+        else:
+            self._go_live(room, effects)  # a later seq jump still fills the hole
+        return effects
+
+    def filled(self, name: str, entries: list[tuple[int, bytes]]) -> list[Effect[M]]:
+        """History's frames for the outstanding fill: deliver them, announce what is gone."""
+        room = self.rooms.get(name)
+        effects: list[Effect[M]] = []
+        if room is None or room.phase is not Phase.FILLING:
+            return effects  # the room was closed (and maybe reopened) meanwhile
+        room.attempts = 0
+        for seq, frame in entries:
+            if seq <= room.cursor or seq > room.fill_upto:
+                continue
+            if seq > room.cursor + 1:
+                self._gap(room, seq - 1, effects)
+            self._deliver(room, Record(seq, 0, frame), effects)
+        if room.cursor < room.fill_upto:
+            self._gap(room, room.fill_upto, effects)
+        self._go_live(room, effects)
+        return effects
+
+    def fill_failed(self, name: str) -> list[Effect[M]]:
+        """The history read failed: retry with backoff; a gap only after the last attempt."""
+        room = self.rooms.get(name)
+        effects: list[Effect[M]] = []
+        if room is None or room.phase is not Phase.FILLING:
+            return effects  # the room was closed (and maybe reopened) meanwhile
+        room.attempts += 1
+        if room.attempts < FILL_ATTEMPTS:
+            effects.append(Fill(name, room.cursor, room.fill_upto, retry_delay(room.attempts)))
+        else:
+            return self.filled(name, [])
+        return effects
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def flush(self, name: str) -> Write[M] | None:
+        """The frames queued this turn, as one write per member (held members keep theirs).
+
+        Presence events queued this turn go to every member but their subject's: members
+        of a subject user get a variant without their own events. A storm of joins in one
+        room therefore costs one write per member per turn, not one per join per member.
+        Its `members` may be the room's own set: write it before changing membership.
+        """
+        room = self.rooms.get(name)
+        if room is None or not room.outgoing:
+            return None
+        outgoing, seqs, subjects = room.outgoing, room.outgoing_seqs, room.outgoing_subjects
+        data, marks = _frames(outgoing, seqs)
+        variants: dict[str, tuple[bytes, Marks]] = {}
+        for user in set(subjects.values()):
+            keep = [i for i in range(len(outgoing)) if subjects.get(i) != user]
+            variants[user] = _frames([outgoing[i] for i in keep], [seqs[i] for i in keep])
+        outgoing.clear()
+        seqs.clear()
+        subjects.clear()
+        return Write(name, self._live_members(room, data, marks, variants), data, marks, variants)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _live_members(
+        room: Room[M], data: bytes, marks: Marks, variants: Mapping[str, tuple[bytes, Marks]]
+    ) -> Collection[M]:
+        """The members to write to now; a held member's copy waits in its queue."""
+        if not room.held:
+            return room.members
+        for member, queue in room.held.items():
+            chunk = variants.get(member.user, (data, marks))
+            if chunk[0]:
+                queue.append(chunk)
+        return [m for m in room.members if m not in room.held]
+
+    def _flush_into(self, room: Room[M], effects: list[Effect[M]]) -> None:
+        """Queue the turn's write among other effects: on a copy of the member set, which
+        the caller changes (a joiner must not get frames from before its `joined`)."""
+        write = self.flush(room.name)
+        if write is not None:
+            effects.append(replace(write, members=tuple(write.members)))
+
+    def _keep(self, room: Room[M], records: list[Record]) -> None:
+        """Records that cannot be delivered yet; past the bound only their seq is kept."""
+        for record in records:
+            room.known = max(room.known, record.seq)
+            if len(room.backlog) < BACKLOG_MAX:
+                room.backlog.append(record)
+
+    def _process(self, room: Room[M], records: list[Record], effects: list[Effect[M]]) -> None:
+        for index, record in enumerate(records):
+            seq = record.seq
+            room.known = max(room.known, seq)
+            if seq == 0:
+                self._event(room, record.frame, effects)
+            elif seq == room.cursor + 1:
+                self._deliver(room, record, effects)
+            elif seq > room.cursor + 1:
+                room.backlog[:0] = records[index:]
+                self._start_fill(room, seq - 1, effects)
+                return
+            # else a seq already delivered (a fill overlapped pub/sub): drop it
+
+    def _go_live(self, room: Room[M], effects: list[Effect[M]]) -> None:
+        """Deliver the backlog; fill again if it left a hole or pub/sub came back meanwhile."""
+        room.phase = Phase.LIVE
+        while room.backlog and room.phase is Phase.LIVE:
+            backlog, room.backlog = room.backlog, []
+            self._process(room, backlog, effects)
+        if room.phase is not Phase.LIVE:
+            return
+        if room.resync_due:
+            room.resync_due = False
+            room.phase = Phase.FILLING
+            room.attempts = 0
+            effects.append(Resync(room.name, 0.0))
+        elif room.known > room.cursor:
+            self._start_fill(room, room.known, effects)
+
+    def _start_fill(self, room: Room[M], upto: int, effects: list[Effect[M]]) -> None:
+        room.phase = Phase.FILLING
+        room.fill_upto = upto
+        room.attempts = 0
+        effects.append(Fill(room.name, room.cursor, upto, 0.0))
+
+    def _queue(self, room: Room[M], wire: bytes, effects: list[Effect[M]]) -> None:
+        room.outgoing.append(wire)
+        room.outgoing_seqs.append(room.cursor)
+        if len(room.outgoing) == 1:
+            effects.append(Flush(room.name))
+
+    def _deliver(self, room: Room[M], record: Record, effects: list[Effect[M]]) -> None:
+        room.cursor = record.seq
+        self._queue(room, wire_text(record.frame), effects)
+        effects.append(Delivered(room.name, record.seq, record.ts, len(room.members)))
+
+    def _gap(self, room: Room[M], last: int, effects: list[Effect[M]]) -> None:
+        first = room.cursor + 1
+        room.cursor = last
+        self._queue(room, wire_text(encode("gap", room=room.name, **{"from": first, "to": last})), effects)
+        effects.append(Gap(room.name, first, last))
+
+    def _event(self, room: Room[M], frame: bytes, effects: list[Effect[M]]) -> None:
+        """An unsequenced room event (presence): queued for every member but its subject."""
+        room.outgoing_subjects[len(room.outgoing)] = orjson.loads(frame).get("user")
+        self._queue(room, wire_text(frame), effects)
+
+
+def _frames(outgoing: list[bytes], seqs: list[int]) -> tuple[bytes, Marks]:
+    """Frames written as one, with the marks of where each ends and the seq it brings."""
+    if len(outgoing) == 1:
+        return outgoing[0], ((len(outgoing[0]), seqs[0]),)
+    if not outgoing:
+        return b"", ()
+    return b"".join(outgoing), tuple(zip(accumulate(map(len, outgoing)), seqs, strict=True))
+
+
+def _joined(chunks: list[tuple[bytes, Marks]]) -> tuple[bytes, Marks]:
+    """Chunks written as one: their data joined, their marks shifted to where they now end."""
+    marks: list[tuple[int, int]] = []
+    offset = 0
+    for data, chunk_marks in chunks:
+        marks.extend((offset + end, seq) for end, seq in chunk_marks)
+        offset += len(data)
+    return b"".join(data for data, _ in chunks), tuple(marks)

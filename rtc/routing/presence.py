@@ -1,0 +1,83 @@
+"""Membership of rooms per (room, worker slot) in Redis, and the presence events it causes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from rtc import metrics
+from rtc.broker.base import Membership
+from rtc.protocol import encode, presence_halves
+from rtc.routing.tasks import Tasks
+
+__all__ = ["MEMBERSHIP_TTL", "PRESENCE_LEAVE_DELAY", "Presence"]
+
+log = logging.getLogger("rtc.presence")
+
+PRESENCE_LEAVE_DELAY = 5.0  # SPEC: a leave is announced 5 s after the last connection left
+MEMBERSHIP_TTL = 15  # a slot's membership keys expire this long after its last refresh
+_SWEEP_LAG = 0.05  # the leave's due time is Redis's clock: sweep a little after it
+
+
+class Presence:
+    """Counts this slot's connections per room and user; announces joins and leaves.
+
+    A leave is pending in Redis from the moment a user's last connection on this slot
+    left, due `PRESENCE_LEAVE_DELAY` later. This worker sweeps the room when it is due;
+    every worker also sweeps the rooms it has members in at each membership refresh, which
+    announces the pending leaves of workers that stopped meanwhile and the users of
+    workers that died (their membership expired). So every `join` gets its `leave`.
+    """
+
+    def __init__(
+        self, membership: Membership, tasks: Tasks, slot: str, presence_max: int, worker: str
+    ) -> None:
+        self._membership = membership
+        self._tasks = tasks
+        self._slot = slot
+        self._max = presence_max
+        self._joins = metrics.JOINS.labels(worker)
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    async def join(self, room: str, user: str) -> None:
+        """A connection of `user` joined: count it; `join` if the user is new in the room."""
+        self._joins.inc()
+        frame = encode("presence", room=room, user=user, event="join")
+        await self._membership.join(room, self._slot, user, frame, self._max, MEMBERSHIP_TTL)
+
+    async def leave(self, room: str, user: str) -> None:
+        """A connection of `user` left; when it was the slot's last, its leave is pending."""
+        try:
+            if await self._membership.leave(
+                room, self._slot, user, int(PRESENCE_LEAVE_DELAY * 1000), MEMBERSHIP_TTL
+            ):
+                self._sweep_later(room)
+        except Exception as exc:
+            log.warning("membership update for %s failed: %s", room, exc)
+
+    async def members(self, room: str, limit: int) -> tuple[int, list[str]]:
+        return await self._membership.members(room, limit)
+
+    async def refresh(self, rooms: list[str]) -> None:
+        """Keep this slot's membership alive and announce the rooms' due leaves."""
+        await self._membership.refresh_members(self._slot, rooms, MEMBERSHIP_TTL)
+        await asyncio.gather(*(self._sweep(room) for room in rooms))
+
+    def _sweep_later(self, room: str) -> None:
+        def due() -> None:
+            self._timers.discard(timer)
+            self._tasks.spawn(self._sweep(room))
+
+        timer = asyncio.get_running_loop().call_later(PRESENCE_LEAVE_DELAY + _SWEEP_LAG, due)
+        self._timers.add(timer)
+
+    async def _sweep(self, room: str) -> None:
+        try:
+            await self._membership.sweep(room, presence_halves(room, "leave"), self._max)
+        except Exception as exc:
+            log.warning("presence sweep of %s failed: %s", room, exc)
+
+    def close(self) -> None:
+        """Pending leaves stay in Redis: the workers still in those rooms announce them."""
+        for timer in self._timers:
+            timer.cancel()

@@ -1,0 +1,83 @@
+"""Sessions in Redis: which rooms a connection joined, and its checkpoint per room.
+
+What a checkpoint may claim is decided by `rtc.routing.checkpoint` (frames that left the
+user-space buffer); this module collects those claims and writes them: at least every
+second, and on an orderly close before the close handshake completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from rtc.broker.base import SessionStore
+from rtc.connection import Connection
+from rtc.protocol import inbox
+
+__all__ = ["CHECKPOINT_EVERY", "Rejoin", "Sessions"]
+
+log = logging.getLogger("rtc.sessions")
+
+CHECKPOINT_EVERY = 1.0  # SPEC: a session's checkpoint is written at least every second
+
+Rejoin = tuple[str, int, str]  # room, checkpointed seq, epoch
+
+
+class Sessions:
+    """Loads, creates and checkpoints the sessions of this worker's connections."""
+
+    def __init__(self, store: SessionStore, epoch: Callable[[str], str | None], ttl: int) -> None:
+        self._store = store
+        self._epoch = epoch  # a room's current epoch, None when it is not open here
+        self._ttl = ttl
+
+    async def open(self, conn: Connection, sid: str | None) -> list[Rejoin] | None:
+        """Resume session `sid` when it is this user's (the rooms to rejoin), else start one."""
+        rejoin: list[Rejoin] | None = None
+        if sid:
+            saved = await self._store.load_session(sid)
+            if saved.get("user") == conn.user:
+                conn.session = sid
+                rejoin = []
+                for name, value in saved.items():
+                    if name.startswith("r:"):
+                        seq, _, epoch = value.partition(":")
+                        rejoin.append((name[2:], int(seq), epoch))
+                rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
+        await self._store.save_sessions({conn.session: {"user": conn.user}}, self._ttl)
+        return rejoin
+
+    async def joined(self, conn: Connection, room: str, seq: int, epoch: str) -> None:
+        """The session knows the room at once, with `seq` as its checkpoint."""
+        conn.checkpoint.start(room, seq)
+        await self._store.save_sessions({conn.session: {f"r:{room}": f"{seq}:{epoch}"}}, self._ttl)
+
+    async def left(self, conn: Connection, room: str) -> None:
+        conn.checkpoint.forget(room)
+        await self._store.drop_session_rooms(conn.session, [room])
+
+    def changes(self, conns: Iterable[Connection], *, final: bool = False) -> dict[str, dict[str, str]]:
+        """Session fields that changed: `r:<room>` -> `<seq>:<epoch>` per connection."""
+        sessions: dict[str, dict[str, str]] = {}
+        for conn in conns:
+            buffered = 0 if final else conn.transport.get_write_buffer_size()
+            changed: dict[str, str] = {}
+            for room, seq in conn.checkpoint.changes(buffered, final=final).items():
+                epoch = self._epoch(room)
+                if epoch is not None:
+                    changed[f"r:{room}"] = f"{seq}:{epoch}"
+            if changed:
+                sessions[conn.session] = {"user": conn.user, **changed}
+        return sessions
+
+    async def save(self, conns: Iterable[Connection], *, final: bool = False) -> None:
+        await self._store.save_sessions(self.changes(conns, final=final), self._ttl)
+
+    async def checkpoint_forever(self, conns: Callable[[], Iterable[Connection]]) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            try:
+                await self.save(conns())
+            except Exception as exc:
+                log.warning("session checkpoint failed: %s", exc)

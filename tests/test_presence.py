@@ -1,0 +1,96 @@
+"""Presence across worker deaths and shutdowns: every join is matched by a leave.
+
+Real hosts and a real Redis: a member on one host watches a user on another host whose
+worker is SIGKILLed or whose host shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from rtc import keys
+from rtc.routing.presence import MEMBERSHIP_TTL, PRESENCE_LEAVE_DELAY
+from tests.client import Client
+from tests.rtcproc import Host, RedisServer, start_host, start_redis
+
+pytestmark = pytest.mark.timeout(90)
+
+# A crashed worker's membership expires within MEMBERSHIP_TTL; a live worker with members in
+# the room notices at its next refresh (every 5 s) and announces the leave.
+CRASH_LEAVE_WITHIN = MEMBERSHIP_TTL + 5 + 5
+SHUTDOWN_LEAVE_WITHIN = PRESENCE_LEAVE_DELAY + 5 + 5
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[RedisServer, Host, Host]]:
+    """A host that stays (one worker) and one that goes away (one worker), one Redis."""
+    redis = start_redis()
+    stay = gone = None
+    try:
+        stay = start_host("stay", redis.url, workers=1)
+        gone = start_host("gone", redis.url, workers=1)
+        yield redis, stay, gone
+    finally:
+        for host in (gone, stay):
+            if host is not None:
+                host.stop()
+        redis.stop()
+
+
+async def watched(stay: Host, gone: Host, room: str) -> tuple[Client, Client]:
+    """Alice (on the staying host) sees Bob (on the other) join `room`."""
+    alice = await Client.connect(stay.ws, "alice")
+    await alice.join(room)
+    bob = await Client.connect(gone.ws, "bob")
+    await bob.join(room)
+    await alice.expect("presence", user="bob", event="join")
+    return alice, bob
+
+
+async def test_a_killed_workers_users_leave_and_may_join_again(
+    two_hosts: tuple[RedisServer, Host, Host],
+) -> None:
+    _, stay, gone = two_hosts
+    alice, bob = await watched(stay, gone, "crash-presence")
+    try:
+        (victim,) = gone.worker_pids()
+        psutil.Process(victim).kill()
+        await bob.closed.wait()
+        await alice.expect("presence", CRASH_LEAVE_WITHIN, user="bob", event="leave")
+        assert "bob" not in (await alice.request("members", "members", room="crash-presence"))["users"]
+
+        again = await Client.connect(stay.ws, "bob")
+        try:
+            await again.join("crash-presence")
+            await alice.expect("presence", user="bob", event="join")
+        finally:
+            await again.close()
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_users_of_a_host_that_shut_down_leave(two_hosts: tuple[RedisServer, Host, Host]) -> None:
+    _, stay, gone = two_hosts
+    alice, bob = await watched(stay, gone, "shutdown-presence")
+    try:
+        await asyncio.to_thread(gone.stop)  # drains: bob is migrated and does not come back
+        await alice.expect("presence", SHUTDOWN_LEAVE_WITHIN, user="bob", event="leave")
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_presence_keys_expire_with_membership(two_hosts: tuple[RedisServer, Host, Host]) -> None:
+    redis, stay, gone = two_hosts
+    alice, bob = await watched(stay, gone, "ttl-presence")
+    try:
+        for key in (keys.presence("ttl-presence"), keys.member_slots("ttl-presence")):
+            assert 0 < int(redis.cli("TTL", key)) <= MEMBERSHIP_TTL, key
+    finally:
+        await alice.close()
+        await bob.close()

@@ -1,0 +1,133 @@
+"""Session checkpoints against a real host: honest, and never stuck behind a busy socket."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from rtc import keys
+from tests.client import Client
+from tests.rtcproc import Host, RedisServer, start_host, token
+
+pytestmark = pytest.mark.timeout(120)
+
+FRAME = 30_000  # bytes of data per message
+COUNT = 800  # 24 MB: far more than the kernel's buffers on the way hold
+RECEIVE_BUFFER = 64 * 1024  # the slow client's SO_RCVBUF (no autotuning)
+# What may sit between the server's user-space buffer and the test: the server's send
+# buffer (tcp_wmem max 4 MiB), the client's receive buffer (doubled by the kernel) and
+# aiohttp's read-ahead. Frames beyond this many unread are surely still in user space.
+SLACK = (4 * 1024 * 1024 + 2 * RECEIVE_BUFFER + 1024 * 1024) // FRAME + 1
+
+
+@pytest.fixture
+def busy_host(redis_server: RedisServer) -> Iterator[tuple[RedisServer, Host]]:
+    host = start_host(
+        "busy",
+        redis_server.url,
+        workers=1,
+        args=("--send-queue-bytes", str(64 << 20), "--rate", "1000", "--rate-burst", "1000"),
+    )
+    yield redis_server, host
+    host.stop()
+
+
+def checkpoint(redis: RedisServer, session: str, room: str) -> int:
+    value = redis.cli("HGET", keys.session(session), f"r:{room}").strip()
+    return int(value.partition(":")[0]) if value else -1
+
+
+class SlowReader:
+    """A raw WebSocket whose reading the test paces: nothing is read ahead behind its back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, host: Host, user: str) -> SlowReader:
+        reader, writer = await asyncio.open_connection(host.host, host.port, limit=RECEIVE_BUFFER)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws?token={token(user)} HTTP/1.1\r\nHost: {host.host}:{host.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    def send(self, **frame: object) -> None:
+        payload = orjson.dumps(frame)
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked)
+
+    async def next(self) -> dict[str, Any]:
+        """The next text frame (the server's pings are skipped: the test is shorter)."""
+        while True:
+            opcode, size = await self.reader.readexactly(2)
+            if size == 126:
+                size = struct.unpack("!H", await self.reader.readexactly(2))[0]
+            elif size == 127:
+                size = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+            payload = await self.reader.readexactly(size)
+            if opcode == 0x81:
+                return dict(orjson.loads(payload))
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+async def test_a_busy_socket_is_checkpointed_up_to_what_left_its_buffer(
+    busy_host: tuple[RedisServer, Host],
+) -> None:
+    redis, host = busy_host
+    room = "busy-room"
+    slow = await SlowReader.connect(host, "slow")
+    try:
+        session = (await slow.next())["session"]
+        slow.send(type="join", room=room)
+        assert (await slow.next())["seq"] == 0
+
+        publisher = await Client.connect(host.ws, "publisher")
+        try:
+            await publisher.join(room)
+            data = "x" * FRAME
+            for _ in range(COUNT):  # the slow client reads nothing meanwhile
+                await publisher.send(type="publish", room=room, data=data)
+            # Its own copies, not its acks: a batch this large may outlast the 2 s ack deadline.
+            await publisher.wait_messages(room, COUNT, timeout=60)
+        finally:
+            await publisher.close()
+
+        read = 0
+        while_busy: list[int] = []
+        while read < COUNT:
+            for _ in range(5):  # about 100 frames (3 MB) a second
+                frame = await asyncio.wait_for(slow.next(), 10)
+                if frame["type"] == "message":
+                    read = frame["seq"]
+                if read == COUNT:
+                    break
+            seen = checkpoint(redis, session, room)
+            assert seen <= read + SLACK, f"checkpoint {seen} claims frames still in user space ({read} read)"
+            if read + SLACK < COUNT:  # the server's buffer is surely not empty yet
+                while_busy.append(seen)
+            await asyncio.sleep(0.05)
+    finally:
+        slow.close()
+    # Seconds of reading with a buffer that never emptied: the checkpoint must have moved.
+    assert max(while_busy) > while_busy[0], (
+        f"the checkpoint stayed at {while_busy[0]} while the buffer was busy"
+    )
