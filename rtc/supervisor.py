@@ -84,7 +84,7 @@ class Supervisor:
         self._exit: int | None = None
         self._wakeup_r = self._wakeup_w = -1
         self._next_status = 0.0
-        self._last_status = ""
+        self._roll_step: tuple[int | None, int] | None = None  # last reload step shown
         self._reload_started: float | None = None
         self._last_reload = ""  # shown after a reload, which may be over before anyone looks
         self._next_watchdog = 0.0
@@ -379,14 +379,12 @@ class Supervisor:
             self._next_watchdog = now + self.settings.watchdog_usec / 2e6
         if not self._booted:
             return
-        # Every 5 s; during a reload at each step, so a short one shows its progress too.
-        rolling = self._fleet.rolling
-        if now >= self._next_status or rolling:
-            line = self._status_line()
-            if now >= self._next_status or line != self._last_status:
-                self._notifier.notify(line)
-                self._last_status = line
-                self._next_status = now + 5.0
+        # Every 5 s; during a reload also at each step, so a short one shows its progress too.
+        step = (self._fleet.roll_position(), self._fleet.ready_count()) if self._fleet.rolling else None
+        if now >= self._next_status or step != self._roll_step:
+            self._roll_step = step
+            self._notifier.notify(self._status_line())
+            self._next_status = now + 5.0
 
     def _status_line(self) -> str:
         from rtc import hostmetrics

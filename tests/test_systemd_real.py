@@ -249,7 +249,7 @@ def test_stopped_supervisor_is_killed_by_the_watchdog_and_restarted(machine: Mac
     journal = machine.journal("rtc", since)
     assert "Watchdog timeout" in journal, journal
     assert _main_pid(machine) != main
-    assert took >= watchdog
+    assert took >= watchdog / 2  # systemd counts from the last WATCHDOG=1, sent every WatchdogSec/2
     print(
         f"PROOF watchdog: SIGSTOPped MainPID {main}; systemd logged 'Watchdog timeout', killed it and "
         f"Restart= brought up MainPID {_main_pid(machine)} ({took:.0f}s; WatchdogSec={watchdog:.0f}s)"
@@ -290,10 +290,14 @@ def test_missing_credential_shows_as_243(machine: Machine) -> None:
         since = machine.out("date", "+%Y-%m-%d %H:%M:%S")
         assert machine.run("systemctl", "start", "rtc", check=False).returncode != 0
         state = machine.show("rtc", "Result")
-        journal = machine.journal("rtc", since)
         status = machine.run("systemctl", "status", "rtc", "--no-pager", check=False).stdout
         assert "status=243/CREDENTIALS" in status, status
-        assert "Failed to set up credentials" in journal, journal
+        # Logged by the forked child ("(rtc)"), which may reach the journal a moment later.
+        wait_for(
+            lambda: "Failed to set up credentials" in machine.journal("rtc", since),
+            10,
+            "the credentials error in the journal",
+        )
     finally:
         machine.run("mv", "/etc/rtc/jwt-secret.away", "/etc/rtc/jwt-secret")
     machine.run("systemctl", "reset-failed", "rtc")
