@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from rtc import hostmetrics, keys, metrics
 from rtc.api import ServerApi, add_api_routes
@@ -29,6 +29,7 @@ from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import AuthError, CloseCode, ErrorCode, ProtocolError
 from rtc.hostcount import HostConnections
+from rtc.log import describe
 from rtc.node import Node
 from rtc.protocol import (
     Direct,
@@ -38,11 +39,13 @@ from rtc.protocol import (
     Ping,
     Publish,
     Refresh,
+    Resume,
     encode,
     parse,
     request_id_of,
 )
 from rtc.ratelimit import AbuseWindow, TokenBucket
+from rtc.routing.sessions import Rejoin
 
 __all__ = [
     "DEMO_ROOMS",
@@ -61,6 +64,7 @@ log = logging.getLogger("rtc.app")
 _FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 _STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _WELCOMED = "rtc.welcomed"
+POSITIONS_WAIT = 5.0  # SPEC 4: how long a `positions=1` resume waits for the `resume` frame
 # Descriptors a worker keeps for everything but client sockets: its Redis pool (64) and
 # pub/sub, the listener, metrics files, pipes, and requests still in their handshake.
 FD_RESERVE = 256
@@ -289,17 +293,17 @@ async def _upgrade(
     state.host_connections.set(state.slot_index, state.open_count)
     expiry = _ExpiryTimer(conn)
     try:
+        positions = request.query.get("positions") == "1"
         try:
-            resumed = await _open_session(state, conn, request.query.get("session"))
+            resumed = await _open_session(state, conn, request.query.get("session"), positions)
         except (ProtocolError, *LOST) as exc:  # Redis down or full: no session can be kept
             log.warning("connection refused: Redis: %s", exc, extra={"conn": conn.id})
             await ws.close(code=CloseCode.TRY_AGAIN, message=b"unavailable: try again later")
             return ws
         request[_WELCOMED] = conn.welcomed = True  # from here on a drain migrates it
         state.opening -= 1
-        if resumed is not None:
-            for room, since, epoch in resumed:
-                await _run(state, conn, Join(room, since, epoch))
+        if resumed is not None and not await _rejoin(state, conn, resumed, positions):
+            return ws
         await _serve(state, conn)
     finally:
         expiry.cancel()
@@ -313,21 +317,63 @@ async def _upgrade(
 
 
 async def _open_session(
-    state: WorkerState, conn: Connection, sid: str | None
-) -> list[tuple[str, int, str]] | None:
-    """Attach, restore a session when asked, and greet. Returns the rooms to rejoin."""
-    # Concurrent calls share a Redis round trip (the broker pipelines them).
-    rejoin, _ = await asyncio.gather(state.node.sessions.open(conn, sid), state.node.attach(conn))
-    conn.send(
-        encode(
-            "welcome",
-            session=conn.session,
-            user=conn.user,
-            node=state.settings.node_id,
-            resumed=rejoin is not None,
-        )
-    )
+    state: WorkerState, conn: Connection, sid: str | None, positions: bool
+) -> list[Rejoin] | None:
+    """Restore a session when asked, attach, and greet. Returns the rooms to rejoin, the
+    inbox first (always among them: it is replayed before its live frames flow)."""
+    node = state.node
+    # Concurrent calls share a Redis round trip (the broker pipelines them); the inbox
+    # membership starts after, once it is known whether the inbox is to be replayed.
+    rejoin, _ = await asyncio.gather(node.sessions.open(conn, sid), node.open_inbox(conn))
+    await node.attach(conn, held=rejoin is not None)
+    welcome: dict[str, Any] = {"resumed": rejoin is not None}
+    if positions and rejoin is not None:
+        welcome["rooms"] = sorted(room for room, _, _ in rejoin)
+    # The inbox is open, so `attach` did not wait: nothing of it can go out before `welcome`.
+    conn.send(encode("welcome", session=conn.session, user=conn.user, node=state.settings.node_id, **welcome))
     return rejoin
+
+
+async def _rejoin(
+    state: WorkerState,
+    conn: Connection,
+    rooms: list[Rejoin],
+    positions: bool,
+) -> bool:
+    """Rejoin a resumed session's rooms, from the client's positions when it sends them.
+
+    Returns False when the connection ended meanwhile.
+    """
+    given: Resume | None = None
+    first: WSMessage | None = None
+    if positions:
+        given, first = await _await_positions(conn)
+    for room, since, epoch in rooms:
+        if given is not None and room in given.rooms:
+            since, epoch = given.rooms[room], given.epochs.get(room, epoch)
+        elif since is None:  # not in the session (the inbox only): from where `attach` began
+            since = conn.checkpoint.delivered.get(room)
+        await _run(state, conn, Join(room, since, epoch))
+    return first is None or await _dispatch(state, conn, first)
+
+
+async def _await_positions(conn: Connection) -> tuple[Resume | None, WSMessage | None]:
+    """The first frame after a resumed `welcome`, for up to POSITIONS_WAIT seconds: the
+    client's positions, or (anything else) the message to handle once the rooms rejoined."""
+    try:
+        msg = await conn.ws.receive(timeout=POSITIONS_WAIT)
+    except TimeoutError:
+        return None, None
+    if msg.type is WSMsgType.TEXT:
+        try:
+            command = parse(msg.data)
+        except ProtocolError:
+            return None, msg
+        if isinstance(command, Resume):
+            metrics.MESSAGES_RECEIVED.inc()
+            _admit(conn)  # it spends a token like any frame (the first one never runs out)
+            return command, None
+    return None, msg
 
 
 class _ExpiryTimer:
@@ -355,34 +401,38 @@ class _ExpiryTimer:
 
 
 async def _serve(state: WorkerState, conn: Connection) -> None:
-    ws = conn.ws
-    while True:
-        msg = await ws.receive()
-        if msg.type is WSMsgType.TEXT:
-            await _handle(state, conn, msg.data)
-        elif msg.type is WSMsgType.BINARY:
-            metrics.MESSAGES_RECEIVED.inc()
-            if _admit(conn):
-                conn.send_error(ErrorCode.BAD_REQUEST, "binary frames are not supported")
-        elif msg.type is WSMsgType.CLOSE:
-            # Orderly close: checkpoint first, so the client may resume elsewhere at once.
-            conn.closing = True
-            await _final_checkpoint(state, [conn])
-            await ws.close()
-            return
-        elif msg.type is WSMsgType.ERROR:  # a bad frame: aiohttp has sent 1009 or 1002
-            metrics.ERRORS.inc()
-            metrics.FRAMES_REFUSED.labels(str(getattr(msg.data, "code", 1006))).inc()
-            return
-        else:  # CLOSING (our own close), CLOSED
-            return
+    while await _dispatch(state, conn, await conn.ws.receive()):
+        pass
+
+
+async def _dispatch(state: WorkerState, conn: Connection, msg: WSMessage) -> bool:
+    """Act on one incoming message; False once the connection is over."""
+    if msg.type is WSMsgType.TEXT:
+        await _handle(state, conn, msg.data)
+    elif msg.type is WSMsgType.BINARY:
+        metrics.MESSAGES_RECEIVED.inc()
+        if _admit(conn):
+            conn.send_error(ErrorCode.BAD_REQUEST, "binary frames are not supported")
+    elif msg.type is WSMsgType.CLOSE:
+        # Orderly close: checkpoint first, so the client may resume elsewhere at once.
+        conn.closing = True
+        await _final_checkpoint(state, [conn])
+        await conn.ws.close()
+        return False
+    elif msg.type is WSMsgType.ERROR:  # a bad frame: aiohttp has sent 1009 or 1002
+        metrics.ERRORS.inc()
+        metrics.FRAMES_REFUSED.labels(str(getattr(msg.data, "code", 1006))).inc()
+        return False
+    else:  # CLOSING (our own close), CLOSED
+        return False
+    return True
 
 
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:
     try:
         await state.node.save_final(conns)
     except Exception as exc:
-        log.warning("final session checkpoint failed: %s", exc)
+        log.warning("final session checkpoint failed: %s", describe(exc))
 
 
 def _admit(conn: Connection, text: str | None = None) -> bool:
@@ -434,6 +484,10 @@ async def _run(state: WorkerState, conn: Connection, command: object) -> None:
                 await _refresh(state, conn, token, request_id)
             case Ping():
                 conn.send(encode("pong", request_id))
+            case Resume():
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, "resume is only taken as the first frame after a resumed welcome"
+                )
     except ProtocolError as exc:
         conn.send_error(exc.code, exc.message, request_id)
     except LOST as exc:  # Redis down, or full (maxmemory, noeviction): it refused the write
@@ -464,7 +518,8 @@ async def _refresh(state: WorkerState, conn: Connection, token: str, request_id:
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     in_ring = state.node.in_ring and set(state.settings.local_slots) <= set(state.node.ring.slots)
-    redis_ok = await state.broker.ping()
+    # The worker's last known Redis state: a load balancer's check never waits on Redis.
+    redis_ok = state.node.redis_ok
     ok = in_ring and not state.draining
     status = "ok" if ok else ("draining" if state.draining else "starting")
     body = {

@@ -206,7 +206,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "send_queue_bytes",
         int,
-        "per-connection outbound bound in bytes; past it the consumer is closed 1013",
+        "per-connection outbound bound in bytes; past it the consumer is closed 1013, and "
+        "history replays are paced to it",
         default="1048576 (1 MiB)",
     ),
     _Option("history_size", int, "messages kept per room and inbox for replay"),
@@ -308,7 +309,9 @@ and watchdog pings |
 * **Sessions:** a session can be resumed for `--session-ttl` seconds (300) after its last
   checkpoint; checkpoints are written every second while the connection lives.
 * **Send queue:** each connection may have `--send-queue-bytes` (1 MiB) written but not yet
-  taken by the kernel; a consumer past it is closed 1013.
+  taken by the kernel. A live consumer past it is closed 1013; a history replay never passes
+  it: it is read and sent a page at a time (at most half the queue's worth of the largest
+  message), as the client reads, however large.
 """
 
 

@@ -46,6 +46,7 @@ class Connection:
         "id",
         "peer",
         "principal",
+        "replays",
         "rooms",
         "session",
         "transport",
@@ -74,6 +75,7 @@ class Connection:
         self.abuse: AbuseWindow | None = None  # made on the first denial: most never need it
         self.rooms: set[str] = set()
         self.checkpoint = Checkpoint()  # what its session may claim was delivered
+        self.replays: dict[str, asyncio.Task[None]] = {}  # rooms whose replay is being sent
         self.closing = False
         self.welcomed = False
         self._limit = send_queue_bytes
@@ -120,6 +122,17 @@ class Connection:
             log.info("slow consumer closed", extra={"conn": self.id, "user": self.user})
             self.close_soon(CloseCode.TRY_AGAIN, "slow consumer")
         return buffered
+
+    async def drained(self, limit: int) -> None:
+        """Until at most `limit` bytes wait in the send buffer (or the socket is going).
+
+        Polled: the transport's flow control belongs to aiohttp's writer, and only replays
+        wait here, so a 10 ms tick costs nothing that matters.
+        """
+        while self.transport.get_write_buffer_size() > limit and not (  # noqa: ASYNC110 (see above)
+            self.closing or self.transport.is_closing()
+        ):
+            await asyncio.sleep(0.01)
 
     def close_soon(self, code: int, reason: str) -> None:
         """Start a close handshake; abort the transport if it cannot finish in time."""

@@ -12,13 +12,22 @@ import orjson
 
 from rtc.config import Settings
 
-__all__ = ["redact", "setup_logging"]
+__all__ = ["describe", "redact", "setup_logging"]
 
 # A query parameter anywhere in a line: its key is compared once percent-decoded, as the
 # server decodes it (`?%74oken=` is `?token=` to aiohttp, so it must be to the log too).
 _PARAM = re.compile(r"(?P<key>[^\s?&;=\"']+)=(?P<value>[^&;\s\"']*)")
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _EXTRA_FIELDS = ("conn", "user", "room")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a log line's reason: its type and its text, never an empty string.
+
+    `str()` of a timeout is empty and redis-py's `repr()` drops the message; ops need both.
+    """
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _param(match: re.Match[str]) -> str:

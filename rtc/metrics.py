@@ -16,6 +16,7 @@ __all__ = [
     "CONNECTIONS",
     "DELIVERIES",
     "DRAINS",
+    "EPOCH_CHANGES",
     "ERRORS",
     "ERROR_FRAMES",
     "FANOUT_RECEIVED",
@@ -83,6 +84,9 @@ REDIS_UP = Gauge("rtc_redis_up", "1 when the worker reaches Redis", _WORKER, mul
 PUBSUB_RECONNECTS = Counter("rtc_pubsub_reconnects", "Pub/sub connection re-established", _WORKER)
 GAPS_FILLED = Counter("rtc_gaps_filled", "Seq holes filled from history before delivery", _WORKER)
 GAPS_REPORTED = Counter("rtc_gaps_reported", "Seq holes reported to clients as `gap`", _WORKER)
+EPOCH_CHANGES = Counter(
+    "rtc_epoch_changes", "Rooms whose history epoch changed under their members (Redis lost data)", _WORKER
+)
 DRAINS = Counter("rtc_drains", "Drains a worker went through (a host drain counts once per worker)", _WORKER)
 MIGRATED = Counter("rtc_migrated_connections", "Connections closed by a drain", ("result",))
 SLOW_CONSUMERS = Counter("rtc_slow_consumer_disconnects", "Connections closed 1013", _WORKER)

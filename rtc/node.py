@@ -23,6 +23,7 @@ from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import ErrorCode, ProtocolError
 from rtc.hashring import Ring
+from rtc.log import describe
 from rtc.protocol import Direct, Join, Publish, RequestId, direct_halves, encode, inbox, message_halves
 from rtc.routing.channels import Channels, Listener
 from rtc.routing.delivery import LocalRooms
@@ -30,7 +31,7 @@ from rtc.routing.forwarder import FORWARD_TIMEOUT, Forwarder
 from rtc.routing.outbox import Outbox
 from rtc.routing.presence import Presence
 from rtc.routing.ring import RingMember
-from rtc.routing.sequencer import Reply, Sequencer
+from rtc.routing.sequencer import Reply, Sequencer, Stamp
 from rtc.routing.sessions import Sessions
 from rtc.routing.tasks import Tasks
 
@@ -40,7 +41,9 @@ log = logging.getLogger("rtc.node")
 
 MEMBERS_LIMIT = 1000
 MAINTAIN_EVERY = 1.0
+EXPIRE_EVERY = 0.05  # publishes past their deadline are answered within this
 REFRESH_EVERY = 5  # maintenance ticks between membership refreshes
+MAINTENANCE_TIMEOUT = 10.0  # a round of room maintenance that Redis holds longer is given up
 _SEQ_DIGITS = 20  # room in a frame for the seq when checking the size limit
 
 
@@ -60,10 +63,22 @@ class Node:
         self.forwarder = Forwarder(
             self.membership,
             Sequencer(broker, self._tasks, settings.history_size, settings.history_ttl, FORWARD_TIMEOUT),
-            Outbox(broker, self._tasks),
+            Outbox(broker, self._tasks, FORWARD_TIMEOUT),
             worker,
         )
-        self.rooms = LocalRooms(channels, broker, broker, self._tasks, settings.history_ttl, worker)
+        # A replay page holds at most half the send queue of the largest messages, and the
+        # next page goes once the queue is below half: a replay never passes the bound.
+        window = settings.send_queue_bytes // 2
+        self.rooms = LocalRooms(
+            channels,
+            broker,
+            broker,
+            self._tasks,
+            settings.history_ttl,
+            worker,
+            replay_page=max(1, window // settings.max_message_bytes),
+            replay_window=window,
+        )
         self.presence = Presence(broker, self._tasks, slot, settings.presence_events_max, worker)
         self.sessions = Sessions(broker, self._epoch, settings.session_ttl)
         self._control = keys.host_control(settings.node_id)
@@ -87,9 +102,20 @@ class Node:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    @property
+    def redis_ok(self) -> bool:
+        return self.membership.redis_ok
+
     async def start(self) -> None:
         await self._broker.start()
         await self._broker.subscribe(self._control)
+        self._tasks.spawn(self._expire_forever())
+
+    async def _expire_forever(self) -> None:
+        """Answer publishes past their deadline: a timer of its own, never behind Redis."""
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY)
+            self.forwarder.expire()
 
     async def join_ring(self) -> None:
         await self.membership.join()
@@ -112,19 +138,32 @@ class Node:
         self._tasks.spawn(coro)
 
     async def maintain(self) -> None:
-        """Every second: ring heartbeat, expired forwards, idle rooms; every 5 s membership."""
+        """The ring heartbeat every second; idle rooms every second and membership every 5 s.
+
+        Two loops: the heartbeat must never wait behind other maintenance that waits on
+        Redis (an unsubscribe while pub/sub reconnects), or a live worker's slot would
+        lapse and leave every ring view.
+        """
+        self._tasks.spawn(self._rooms_forever())
+        while True:
+            await asyncio.sleep(MAINTAIN_EVERY)
+            try:
+                await self.membership.heartbeat()  # bounded by HEARTBEAT_TIMEOUT
+            except Exception as exc:  # Redis failed or stalled: the next tick tries again
+                log.warning("ring heartbeat failed: %s", describe(exc))
+
+    async def _rooms_forever(self) -> None:
         tick = 0
         while True:
             await asyncio.sleep(MAINTAIN_EVERY)
             tick += 1
             try:
-                await self.membership.heartbeat()
-                self.forwarder.expire()
-                await self.rooms.close_idle(time.monotonic())
-                if tick % REFRESH_EVERY == 0:
-                    await self.presence.refresh(self.rooms.member_rooms())
-            except Exception:
-                log.exception("maintenance failed")
+                async with asyncio.timeout(MAINTENANCE_TIMEOUT):
+                    await self.rooms.close_idle(time.monotonic())
+                    if tick % REFRESH_EVERY == 0:
+                        await self.presence.refresh(self.rooms.member_rooms())
+            except Exception as exc:  # Redis failed or stalled: the next tick tries again
+                log.warning("room maintenance failed: %s", describe(exc))
 
     async def checkpoint_forever(self) -> None:
         await self.sessions.checkpoint_forever(lambda: self.connections)
@@ -136,13 +175,19 @@ class Node:
 
     # -- connections ------------------------------------------------------------------------
 
-    async def attach(self, conn: Connection) -> None:
-        """A new connection: listen to its inbox."""
+    async def open_inbox(self, conn: Connection) -> None:
+        """Subscribe to a new connection's inbox, so that `attach` need not wait."""
+        await self.rooms.open(inbox(conn.user))
+
+    async def attach(self, conn: Connection, *, held: bool = False) -> None:
+        """A new connection: listen to its inbox. A resumed session's inbox stays `held`
+        (its live frames wait) until the rejoin has replayed it."""
         self.connections.add(conn)
         name = inbox(conn.user)
         await self.rooms.open(name)
         conn.checkpoint.start(name, self.rooms.hold(name, conn))
-        self.rooms.release(name, conn)
+        if not held:
+            self.rooms.release(name, conn)
         conn.rooms.add(name)
 
     async def detach(self, conn: Connection) -> None:
@@ -164,21 +209,17 @@ class Node:
         await self.rooms.open(name)
         if conn.closing:
             return
+        self.rooms.stop_replay(conn, name)  # a join again supersedes a replay in progress
         last = self.rooms.hold(name, conn)
         conn.rooms.add(name)
         greeted = False
         try:
-            replay = await self.rooms.replay(name, cmd.since, cmd.epoch, last)
-            start = cmd.since if cmd.since is not None and replay.recovered else last
-            conn.checkpoint.start(name, start)
+            start = await self.rooms.start_replay(name, cmd.since, cmd.epoch, last)
             conn.send(
-                encode("joined", cmd.id, room=name, seq=last, epoch=replay.epoch, recovered=replay.recovered)
+                encode("joined", cmd.id, room=name, seq=last, epoch=start.epoch, recovered=start.recovered)
             )
             greeted = True
-            for frame in replay.frames:
-                conn.send(frame)
-            conn.reached(name, last)
-            await self.sessions.joined(conn, name, start, replay.epoch)
+            await self.sessions.joined(conn, name, start.after, start.epoch)
         except BaseException:
             if not already and not greeted:  # no `joined` went out: not a member after all
                 self.rooms.drop(name, conn)
@@ -187,7 +228,7 @@ class Node:
             else:
                 self.rooms.release(name, conn)
             raise
-        self.rooms.release(name, conn)
+        self.rooms.replay(conn, name, start)  # in the background, paced by the socket
         if not already and name[0] != "@":
             await self.presence.join(name, conn.user)
 
@@ -230,9 +271,9 @@ class Node:
         item = self._item(head, tail, ts, dedup)
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
-        def reply(seq: int | None) -> None:
+        def reply(stamp: Stamp | None) -> None:
             if not future.done():
-                future.set_result(seq)
+                future.set_result(None if stamp is None else stamp.seq)
 
         self.forwarder.route(None, key, item, reply)  # one lane per key: kept in order
         return future
@@ -250,17 +291,18 @@ class Node:
 
     async def _drop_member(self, conn: Connection, name: str) -> None:
         conn.rooms.discard(name)
+        self.rooms.stop_replay(conn, name)
         if self.rooms.drop(name, conn) and name[0] != "@":
             await self.presence.leave(name, conn.user)
 
 
 def _ack(conn: Connection, request_id: RequestId, **target: str) -> Reply:
-    """The reply to a publish or direct: `ack` with its seq, or `unavailable`."""
+    """The reply to a publish or direct: `ack` with its seq and epoch, or `unavailable`."""
 
-    def reply(seq: int | None) -> None:
-        if seq is None:
+    def reply(stamp: Stamp | None) -> None:
+        if stamp is None:
             conn.send_error(ErrorCode.UNAVAILABLE, "could not sequence the message in time", request_id)
         else:
-            conn.send(encode("ack", request_id, **target, seq=seq))
+            conn.send(encode("ack", request_id, **target, seq=stamp.seq, epoch=stamp.epoch))
 
     return reply

@@ -8,6 +8,7 @@ in two halves around the seq, so Redis can splice the number in without re-encod
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "Ping",
     "Publish",
     "Refresh",
+    "Resume",
     "check_name",
     "direct_halves",
     "encode",
@@ -91,7 +93,16 @@ class Ping:
     id: RequestId = None
 
 
-Command = Join | Leave | Publish | Direct | Members | Refresh | Ping
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The client's own positions, sent right after a resumed `welcome` (positions=1)."""
+
+    rooms: Mapping[str, int]
+    epochs: Mapping[str, str]
+    id: RequestId = None
+
+
+Command = Join | Leave | Publish | Direct | Members | Refresh | Ping | Resume
 
 
 def parse(frame: str | bytes) -> Command:
@@ -155,6 +166,8 @@ def _command(obj: dict[str, Any], request_id: RequestId) -> Command:
             return Refresh(token, request_id)
         case "ping":
             return Ping(request_id)
+        case "resume":
+            return Resume(_positions(obj), _epochs(obj), request_id)
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:64]!r}")
 
 
@@ -185,6 +198,26 @@ def _name(obj: dict[str, Any], key: str) -> str:
     if not _NAME.fullmatch(value.removeprefix("@") if key == "room" else value):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {key!r} must be 1-128 of A-Z a-z 0-9 _ . : / -")
     return value
+
+
+def _positions(obj: dict[str, Any]) -> dict[str, int]:
+    rooms = obj.get("rooms")
+    if not isinstance(rooms, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'rooms' must be an object of room: seq")
+    for room, seq in rooms.items():
+        _name({"room": room}, "room")
+        if not _is_int(seq) or seq < 0:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, "each position in 'rooms' must be a non-negative integer"
+            )
+    return rooms
+
+
+def _epochs(obj: dict[str, Any]) -> dict[str, str]:
+    epochs = obj.get("epochs", {})
+    if not isinstance(epochs, dict) or not all(isinstance(e, str) for e in epochs.values()):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'epochs' must be an object of room: epoch string")
+    return epochs
 
 
 def _data(obj: dict[str, Any]) -> bytes:

@@ -114,6 +114,7 @@ class _Worker:
             metrics.PUBSUB_RECONNECTS,
             metrics.GAPS_FILLED,
             metrics.GAPS_REPORTED,
+            metrics.EPOCH_CHANGES,
             metrics.DRAINS,
         ):
             family.labels(self.label)
@@ -217,8 +218,10 @@ class _Worker:
             if self.stop.is_set():
                 return False
         await node.join_ring()
-        while not set(self.settings.local_slots) <= set(node.ring.slots):
-            await asyncio.sleep(0.05)  # siblings still booting: ready means they are in our view
+        # Siblings still booting: ready means they are in our view. Told to stop meanwhile, a
+        # sibling may already have left the ring for good: waiting for it would never end.
+        while not self.stop.is_set() and not set(self.settings.local_slots) <= set(node.ring.slots):
+            await asyncio.sleep(0.05)
             await node.heartbeat()
         return True
 

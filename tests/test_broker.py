@@ -102,6 +102,15 @@ async def test_history_is_bounded_by_size(broker: tuple[RedisBroker, Recorder]) 
     assert [seq for seq, _ in await b.history("small", 0, 12)] == [8, 9, 10, 11, 12]
 
 
+async def test_history_reads_a_page_at_a_time(broker: tuple[RedisBroker, Recorder]) -> None:
+    b, _ = broker
+    for n in range(7):
+        await b.sequence("paged", [item("paged", str(n))], 100, 60)
+    assert [seq for seq, _ in await b.history("paged", 0, 7, limit=3)] == [1, 2, 3]
+    assert [seq for seq, _ in await b.history("paged", 3, 7, limit=3)] == [4, 5, 6]
+    assert [seq for seq, _ in await b.history("paged", 6, 7, limit=3)] == [7]
+
+
 async def test_epoch_changes_when_redis_loses_the_room(
     broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
 ) -> None:

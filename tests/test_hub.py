@@ -241,14 +241,16 @@ def test_presence_goes_to_everyone_but_its_subject_after_queued_frames() -> None
     for member in (alice, bob):
         hub.hold(ROOM, member)
         hub.release(ROOM, member)
-    hub.hold(ROOM, carol)  # replaying: gets it on release
+    hub.hold(ROOM, carol)  # replaying: the message comes from history, the event on release
     effects = hub.receive(ROOM, payload(1) + b"\n" + presence("alice"))
     got = writes(hub, effects)
     assert [f["type"] for f in got[alice]] == ["message"]
     assert [f["type"] for f in got[bob]] == ["message", "presence"]
     assert carol not in got
-    released = writes(hub, hub.release(ROOM, carol))
-    assert [f["type"] for f in released[carol]] == ["message", "presence"]
+    (release,) = hub.release(ROOM, carol)
+    assert isinstance(release, h.Write) and release.members == (carol,)
+    assert [f["type"] for f in frames_of(release.data)] == ["presence"]
+    assert release.marks == ((len(release.data), 1),)  # carol is at the cursor once it is out
 
 
 def test_presence_of_a_held_member_is_not_sent_to_it() -> None:
@@ -297,13 +299,24 @@ def test_a_joiner_gets_nothing_up_to_its_cursor_and_everything_after() -> None:
     turn = hub.flush(ROOM)
     assert turn is not None and set(turn.members) == {alice}
     hub.receive(ROOM, payload(3))
-    (turn_write, release) = hub.release(ROOM, bob)
-    assert set(turn_write.members) == {alice}
-    assert isinstance(release, h.Write) and release.members == (bob,) and release.cursor == 3
-    assert [f["seq"] for f in frames_of(release.data)] == [2, 3]
-    assert [frames_of(release.data[:end])[-1]["seq"] for end, _ in release.marks] == [2, 3]
+    # bob's replay read 2 and 3 from history: release writes nothing of them to bob
+    (turn_write,) = hub.release(ROOM, bob)
+    assert isinstance(turn_write, h.Write) and set(turn_write.members) == {alice}
+    assert [f["seq"] for f in frames_of(turn_write.data)] == [3]
     assert not hub.holding(ROOM, bob)
+    after = writes(hub, hub.receive(ROOM, payload(4)))
+    assert [f["seq"] for f in after[bob]] == [4] and [f["seq"] for f in after[alice]] == [4]
     assert hub.drop(ROOM, bob) and not hub.drop(ROOM, bob)
+
+
+def test_a_member_being_replayed_to_queues_no_messages() -> None:
+    """However long a replay takes, the hub keeps nothing for its member but events."""
+    hub = live_hub()
+    alice = User("alice")
+    hub.hold(ROOM, alice)
+    for seq in range(1, 1001):
+        writes(hub, hub.receive(ROOM, payload(seq)))
+    assert hub.rooms[ROOM].held[alice] == [] and hub.rooms[ROOM].cursor == 1000
 
 
 def test_a_member_dropped_while_held_leaves_no_queue() -> None:
@@ -348,17 +361,31 @@ def test_resubscribe_during_a_fill_resyncs_after_it() -> None:
     assert effects[-1] == h.Resync(ROOM, 0.0)
 
 
-def test_a_new_epoch_restarts_every_member() -> None:
+def test_a_new_epoch_restarts_every_member_from_its_first_seq() -> None:
+    """Redis lost the room: what the new epoch holds (acked to its publishers) is delivered."""
     hub = live_hub(cursor=8)
     alice = User("alice")
     hub.hold(ROOM, alice)
     hub.release(ROOM, alice)
     hub.receive(ROOM, payload(9))
     hub.resubscribed(ROOM)
+    hub.receive(ROOM, payload(3))  # arrived after the resubscribe: the new epoch's
     effects = hub.resynced(ROOM, 2, "e2")
-    assert kinds(effects) == ["Write", "Restart"]
+    assert kinds(effects) == ["Write", "Restart", "Fill"]
     assert effects[1] == h.Restart(ROOM, (alice,), 2, "e2")
-    assert kinds(hub.receive(ROOM, payload(3))) == ["Flush", "Delivered"]
+    assert effects[2] == h.Fill(ROOM, 0, 2, 0.0)
+    assert hub.rooms[ROOM].epoch == "e2"
+    written = writes(hub, hub.filled(ROOM, [(1, frame(1)), (2, frame(2))]))
+    assert [f["seq"] for f in written[alice]] == [1, 2, 3]
+    assert kinds(hub.receive(ROOM, payload(4))) == ["Flush", "Delivered"]
+
+
+def test_a_new_epoch_with_nothing_in_it_goes_live() -> None:
+    hub = live_hub(cursor=8)
+    hub.resubscribed(ROOM)
+    assert kinds(hub.resynced(ROOM, 0, "e2")) == ["Restart"]
+    assert hub.rooms[ROOM].phase is h.Phase.LIVE
+    assert kinds(hub.receive(ROOM, payload(1))) == ["Flush", "Delivered"]
 
 
 def test_a_failed_resync_is_retried_then_gives_up_live() -> None:

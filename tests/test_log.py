@@ -8,9 +8,10 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from rtc.config import Settings
-from rtc.log import redact, setup_logging
+from rtc.log import describe, redact, setup_logging
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl-_x"
 
@@ -99,3 +100,9 @@ def test_levels(root_logger: logging.Logger) -> None:
     assert root_logger.level == logging.DEBUG
     assert logging.getLogger("aiohttp.access").level == logging.INFO
     assert len(root_logger.handlers) == 1  # set up twice, still one handler
+
+
+def test_describe_names_the_cause_even_when_the_exception_has_no_text() -> None:
+    """A failed Redis call is logged with a reason ops can act on, never an empty one."""
+    assert describe(TimeoutError()) == "TimeoutError"
+    assert describe(RedisConnectionError("Error 111 connecting")) == "ConnectionError: Error 111 connecting"

@@ -20,6 +20,7 @@ from rtc.protocol import (
     Ping,
     Publish,
     Refresh,
+    Resume,
     direct_halves,
     encode,
     encode_error,
@@ -56,6 +57,29 @@ def test_every_command_parses_and_keeps_its_id(request_id: str | int | None) -> 
     assert parse(frame(type="members", room="lobby", **extra)) == Members("lobby", request_id)
     assert parse(frame(type="refresh", token="abc.def.ghi", **extra)) == Refresh("abc.def.ghi", request_id)
     assert parse(frame(type="ping", **extra)) == Ping(request_id)
+
+
+def test_resume_carries_positions_and_epochs() -> None:
+    got = parse(frame(type="resume", rooms={"lobby": 5, "@me": 0}, epochs={"lobby": "17"}, id=3))
+    assert got == Resume({"lobby": 5, "@me": 0}, {"lobby": "17"}, 3)
+    assert parse(frame(type="resume", rooms={})) == Resume({}, {}, None)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"rooms": [["lobby", 1]]},
+        {"rooms": {"lobby": -1}},
+        {"rooms": {"lobby": "5"}},
+        {"rooms": {"lobby": True}},
+        {"rooms": {"bad room": 1}},
+        {"rooms": {"lobby": 1}, "epochs": {"lobby": 17}},
+        {"rooms": {"lobby": 1}, "epochs": ["17"]},
+    ],
+)
+def test_bad_resume_is_bad_request(fields: dict[str, Any]) -> None:
+    assert parse_error(frame(type="resume", **fields)).code is ErrorCode.BAD_REQUEST
 
 
 def test_id_type_is_kept_as_sent() -> None:

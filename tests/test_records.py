@@ -62,22 +62,33 @@ def test_a_real_message_forward_round_trips() -> None:
     assert decode_slot(encode_forward(forward)) == forward
 
 
-@pytest.mark.parametrize("answer", [Answer(b"12", 5), Answer(b"13", None)])
+@pytest.mark.parametrize("answer", [Answer(b"12", 5, "1795995095819035"), Answer(b"13", None)])
 def test_answers_round_trip(answer: Answer) -> None:
     assert decode_slot(encode_answer(answer)) == answer
 
 
-@pytest.mark.parametrize("payload", [b"", b"X\n1", b"A\n1", b"A\n1\nx", b"E\n1\n2", b"P\nonly\nthree"])
+@pytest.mark.parametrize(
+    "payload", [b"", b"X\n1", b"A\n1", b"A\n1\nx", b"A\n1\nx\ne", b"E\n1\n2", b"P\nonly\nthree"]
+)
 def test_a_malformed_slot_record_is_refused(payload: bytes) -> None:
     with pytest.raises(RecordError):
         decode_slot(payload)
+
+
+def test_an_answer_without_epoch_from_an_older_worker_still_reads() -> None:
+    assert decode_slot(b"A\n12\n5") == Answer(b"12", 5, "")
+    with pytest.raises(RecordError):
+        decode_slot(b"A\n12\n5\nepoch\nextra")
 
 
 forwards = st.builds(
     Forward, names, st.integers(1, 2**40).map(lambda n: b"%d" % n), st.none() | names, names,
     st.integers(0, 2**45), heads, tails,
 )  # fmt: skip
-answers = st.builds(Answer, st.integers(1, 2**40).map(lambda n: b"%d" % n), st.none() | st.integers(1, 2**40))
+rids = st.integers(1, 2**40).map(lambda n: b"%d" % n)
+answers = st.builds(
+    Answer, rids, st.integers(1, 2**40), st.from_regex(r"[0-9]{0,20}", fullmatch=True)
+) | st.builds(Answer, rids, st.none(), st.just(""))
 
 
 @given(st.lists(forwards | answers, min_size=1, max_size=8))

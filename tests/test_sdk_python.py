@@ -86,7 +86,8 @@ async def test_dropped_socket_resumes_without_loss_and_queued_publishes_go_once(
     ann, bob = clients
     room_a, room_b = await ann.join("py-resume"), await bob.join("py-resume")
     resumed = asyncio.Event()
-    ann.on("resumed", lambda _: resumed.set())
+    welcomes: list[dict[str, Any]] = []
+    ann.on("resumed", lambda welcome: (welcomes.append(welcome), resumed.set()))
     await room_b.publish("before")
     session = ann.session
     await ann.reconnect()
@@ -95,6 +96,7 @@ async def test_dropped_socket_resumes_without_loss_and_queued_publishes_go_once(
         await room_b.publish(f"while-{i}")
     await asyncio.wait_for(resumed.wait(), 10)
     assert ann.session == session
+    assert "py-resume" in welcomes[0]["rooms"]  # resumed from the client's own positions
     queued = await asyncio.gather(*meanwhile)
     await room_b.publish("after")
     got = await take(room_a, 12)
@@ -132,7 +134,8 @@ async def test_server_api_disconnect_is_final_and_get_token_refreshes(host: Host
 def _doc_block(heading: str) -> str:
     text = (Path(__file__).parent.parent / "docs" / "clients.md").read_text()
     section = text.split(heading, 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+    block = section.split("```python", 1)[1].split("\n", 1)[1]  # after the fence's info string
+    return block.split("```", 1)[0]
 
 
 async def test_docs_backend_example_reaches_a_subscriber(host: Host) -> None:

@@ -77,7 +77,9 @@ class RoomLog(Protocol):
         self, batches: Mapping[str, Sequence[Unsequenced]], history_size: int, ttl: int
     ) -> dict[str, Sequenced | Exception]: ...
 
-    async def history(self, room: str, after: int, upto: int) -> list[tuple[int, bytes]]: ...
+    async def history(
+        self, room: str, after: int, upto: int, limit: int | None = None
+    ) -> list[tuple[int, bytes]]: ...
 
 
 class Membership(Protocol):

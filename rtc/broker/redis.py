@@ -36,6 +36,7 @@ from redis.typing import EncodableT, FieldT
 from rtc import keys, metrics
 from rtc.broker import scripts
 from rtc.broker.base import BrokerHandler, Sequenced, SlotTaken, Unsequenced
+from rtc.log import describe
 
 __all__ = ["LOST", "RedisBroker", "RedisCore", "Subscriptions", "client_options", "stop_task"]
 
@@ -58,7 +59,9 @@ def client_options() -> dict[str, Any]:
     return {
         "socket_timeout": _TIMEOUT,
         "socket_connect_timeout": _TIMEOUT,
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+        # Short waits between retries: a command retrying while Redis restarts notices it
+        # is back within a quarter second (a publish must be answered within 2 s anyway).
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.25), 3),
     }
 
 
@@ -361,7 +364,7 @@ class RedisCore(ABC):
             except asyncio.CancelledError:
                 raise
             except LOST as exc:
-                log.warning("pubsub connection lost: %s; reconnecting", exc)
+                log.warning("pubsub connection lost: %s; reconnecting", describe(exc))
                 metrics.PUBSUB_RECONNECTS.labels(self._worker).inc()
                 metrics.REDIS_UP.labels(self._worker).set(0)
                 if pubsub.connection is not None:
@@ -449,12 +452,18 @@ class RedisCore(ABC):
         keep each call short, since Redis runs nothing else meanwhile)."""
         return [rooms[i : i + _ROOMS_PER_CALL] for i in range(0, len(rooms), _ROOMS_PER_CALL)]
 
-    async def history(self, room: str, after: int, upto: int) -> list[tuple[int, bytes]]:
-        """Frames with seq in (after, upto], as far as history still has them."""
+    async def history(
+        self, room: str, after: int, upto: int, limit: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Frames with seq in (after, upto], as far as history still has them; the first
+        `limit` of them when given (a page: Redis and the worker hold only that much)."""
         if upto <= after:
             return []
+        page = () if limit is None else ("COUNT", limit)
         with self._timed("history"):
-            entries = await self._batch.call("XRANGE", keys.room_history(room), f"{after + 1}-1", f"{upto}-1")
+            entries = await self._batch.call(
+                "XRANGE", keys.room_history(room), f"{after + 1}-1", f"{upto}-1", *page
+            )
         frames: list[tuple[int, bytes]] = []
         for entry_id, fields in entries or ():
             frame = (fields or {}).get(b"f")

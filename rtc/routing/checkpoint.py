@@ -14,8 +14,8 @@ lags behind, never ahead).
 
 A periodic checkpoint claims what had left the buffer one checkpoint earlier: bytes that
 just left it may still sit in the kernel's buffers, and a worker that is killed with
-unread input resets the connection and loses them. SPEC 4 allows a resume to repeat up
-to a second of messages, not to skip them.
+unread input resets the connection and loses them. A resume may repeat up to a second of
+messages, never skip them.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ class Checkpoint:
         """Rooms whose claimable seq the session store does not have yet (all if `final`).
 
         A periodic call claims `delivered` as of the previous call (see the module
-        docstring); `final` is for an orderly close, where the close frame goes out after
-        every byte written, so everything written counts.
+        docstring); `final` is for an orderly close: what left the buffer by now counts
+        (the rest may never leave it, if the close cannot be flushed in time).
         """
-        self.settle(0 if final else buffered)
+        self.settle(buffered)
         if final:
             claim = self.delivered
         else:

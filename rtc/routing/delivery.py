@@ -17,7 +17,8 @@ from functools import partial
 from rtc import keys, metrics
 from rtc.broker.base import RoomLog, Subscriber
 from rtc.connection import Connection
-from rtc.errors import ErrorCode, ProtocolError
+from rtc.errors import CloseCode, ErrorCode, ProtocolError
+from rtc.log import describe
 from rtc.protocol import encode
 from rtc.routing import hub as h
 from rtc.routing.channels import Channels, Listener
@@ -41,12 +42,13 @@ class _Subscription:
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """What a join sends: `joined` fields, then `frames` in order."""
+    """Where a join's replay starts: its `joined` fields, the checkpoint it starts from
+    (`after`: the seq before the first frame to send), and the first page of history."""
 
-    seq: int
     epoch: str
     recovered: bool
-    frames: list[bytes] = field(default_factory=list)
+    after: int
+    page: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 class LocalRooms:
@@ -60,8 +62,12 @@ class LocalRooms:
         tasks: Tasks,
         history_ttl: int,
         worker: str,
+        replay_page: int,
+        replay_window: int,
     ) -> None:
         self.hub: h.Hub[Connection] = h.Hub()
+        self._replay_page = replay_page  # messages per history read of a replay
+        self._replay_window = replay_window  # send-buffer bytes below which the next page goes
         self._channels = channels
         self._subscriber = subscriber
         self._log = room_log
@@ -147,21 +153,76 @@ class LocalRooms:
         self.apply(self.hub.hold(name, conn))
         return self.hub.rooms[name].cursor
 
-    async def replay(self, name: str, since: int | None, epoch: str | None, last: int) -> Replay:
-        """`joined` fields and the frames (since, last] a join with `since` gets."""
+    async def start_replay(self, name: str, since: int | None, epoch: str | None, last: int) -> Replay:
+        """What a join with `since` (or none) gets: `joined` fields and the first page.
+
+        `recovered` is false when the epoch differs, `since` is ahead of the room, or
+        history no longer reaches since + 1; the replay then starts at what history has.
+        """
         room_epoch = self.hub.rooms[name].epoch
         if since is None:
-            return Replay(last, room_epoch, True)
+            return Replay(room_epoch, True, last)
         recovered, after = True, since
         if epoch is not None and epoch != room_epoch:
             recovered, after = False, 0
-        if after > last:
-            return Replay(last, room_epoch, False)
-        entries = await self._log.history(name, after, last)
-        contiguous = all(seq == after + 1 + i for i, (seq, _) in enumerate(entries))
-        if len(entries) != last - after or not contiguous:
-            recovered = False
-        return Replay(last, room_epoch, recovered, [frame for _, frame in entries])
+        if after >= last:
+            return Replay(room_epoch, recovered and after == last, last)
+        page = await self._log.history(name, after, last, self._replay_page)
+        if not page or page[0][0] != after + 1:
+            recovered, after = False, page[0][0] - 1 if page else last
+        return Replay(room_epoch, recovered, after, page)
+
+    def replay(self, conn: Connection, name: str, start: Replay) -> None:
+        """Send the replay in the background, a page at a time, then deliver live."""
+        if start.after >= self.hub.rooms[name].cursor and not start.page:
+            self.release(name, conn)
+            return
+        task = asyncio.get_running_loop().create_task(self._replay(conn, name, start))
+        conn.replays[name] = task
+        task.add_done_callback(partial(_forget_replay, conn, name))
+
+    def stop_replay(self, conn: Connection, name: str) -> None:
+        task = conn.replays.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    async def _replay(self, conn: Connection, name: str, start: Replay) -> None:
+        """Pages of history after `start.after`, each once the socket took the previous one
+        (its buffer below the window), until the room's cursor; then `release`, in the same
+        loop turn as the last check, so no message falls between the replay and live."""
+        position, page = start.after, start.page
+        try:
+            while True:
+                for seq, frame in page:
+                    if seq <= position:
+                        continue
+                    if seq > position + 1:  # trimmed from history while the replay ran
+                        self._replay_gap(conn, name, position + 1, seq - 1)
+                    conn.send(frame)
+                    position = seq
+                conn.reached(name, position)
+                room = self.hub.rooms.get(name)
+                if room is None or conn not in room.members or room.epoch != start.epoch:
+                    return  # left, or history was lost (its members were told, `Restart`)
+                if position >= room.cursor:
+                    break
+                await conn.drained(self._replay_window)
+                if conn.closing or conn.transport.is_closing():
+                    return
+                target = self.hub.rooms[name].cursor
+                page = await self._log.history(name, position, target, self._replay_page)
+                if not page:
+                    self._replay_gap(conn, name, position + 1, target)
+                    position = target
+        except Exception as exc:  # Redis failed mid-replay: the client resumes later
+            log.warning("replay of %s failed: %s", name, exc)
+            conn.close_soon(CloseCode.TRY_AGAIN, "replay interrupted")
+            return
+        self.release(name, conn)
+
+    def _replay_gap(self, conn: Connection, name: str, first: int, last: int) -> None:
+        metrics.GAPS_REPORTED.labels(self._worker).inc()
+        conn.send(encode("gap", room=name, **{"from": first, "to": last}))
 
     def release(self, name: str, conn: Connection) -> None:
         self.apply(self.hub.release(name, conn))
@@ -202,8 +263,15 @@ class LocalRooms:
                 case h.Resync():
                     self._tasks.spawn(self._resync(effect))
                 case h.Restart(room=name, members=members, seq=seq, epoch=epoch):
+                    metrics.EPOCH_CHANGES.labels(self._worker).inc()
+                    log.warning(
+                        "history epoch of %s changed (Redis lost it): now %s, replaying its %d messages",
+                        name,
+                        epoch,
+                        seq,
+                    )
                     for conn in members:
-                        conn.checkpoint.start(name, seq)
+                        conn.checkpoint.start(name, 0)  # the new epoch's seqs follow from 1
                         conn.send(encode("joined", room=name, seq=seq, epoch=epoch, recovered=False))
                 case h.Gap(room=name, first=first, last=last):
                     metrics.GAPS_REPORTED.labels(self._worker).inc()
@@ -237,7 +305,7 @@ class LocalRooms:
         try:
             entries = await self._log.history(fill.room, fill.after, fill.upto)
         except Exception as exc:
-            log.warning("history read for %s failed: %s", fill.room, exc)
+            log.warning("history read for %s failed: %s", fill.room, describe(exc))
             self.apply(self.hub.fill_failed(fill.room))
             return
         self.apply(self.hub.filled(fill.room, entries))
@@ -248,7 +316,12 @@ class LocalRooms:
         try:
             seq, epoch = await self._log.open_room(resync.room, self._history_ttl)
         except Exception as exc:
-            log.warning("resync of %s failed: %s", resync.room, exc)
+            log.warning("resync of %s failed: %s", resync.room, describe(exc))
             self.apply(self.hub.resync_failed(resync.room))
             return
         self.apply(self.hub.resynced(resync.room, seq, epoch))
+
+
+def _forget_replay(conn: Connection, name: str, task: asyncio.Task[None]) -> None:
+    if conn.replays.get(name) is task:
+        del conn.replays[name]

@@ -3,8 +3,15 @@
 The owner of a key (a room, or a user's inbox) sequences it: this worker's sequencer
 when it owns the key, else the owner's, reached by a forward record on the owner slot's
 inbox channel; the owner answers on ours. A forward that no worker received (its owner
-just died) is sequenced here instead; Redis's atomic seq keeps that safe. One not
-answered within `FORWARD_TIMEOUT` fails (the client gets `unavailable` and may retry).
+just died) is sequenced here instead; Redis's atomic seq keeps that safe.
+
+Deadline: every publish is answered within `FORWARD_TIMEOUT` of being routed, whatever
+Redis does (SPEC 4). The deadline runs from `route`, for a publish in flight or still
+waiting in its lane alike; `expire` is driven by its own timer, never by a heartbeat
+that waits on Redis. A publish answered `unavailable` that has not left this worker yet
+is dropped (its retry, same id, is the one to sequence); one that left may still be
+sequenced: `unavailable` is indeterminate. A forward whose PUBLISH failed is answered
+`unavailable` at once, so its lane moves on as soon as Redis is back.
 
 Order: the publishes of one connection to one key form a lane. While publishes of a
 lane are in flight to one owner, later ones go to the same owner without waiting
@@ -25,11 +32,11 @@ from rtc.broker.base import Unsequenced
 from rtc.routing.outbox import Outbox
 from rtc.routing.records import Answer, Forward, decode_slots, encode_answer, encode_forward
 from rtc.routing.ring import RingMember
-from rtc.routing.sequencer import Reply, Sequencer
+from rtc.routing.sequencer import Reply, Sequencer, Stamp
 
 __all__ = ["FORWARD_TIMEOUT", "Forwarder"]
 
-FORWARD_TIMEOUT = 2.0  # SPEC: a publish not sequenced in time gets `unavailable`
+FORWARD_TIMEOUT = 1.5  # SPEC 4: answered within 2 s; the rest is margin for a busy loop and the way back
 
 _Lane = tuple[Hashable, str]  # (sender, key)
 
@@ -41,7 +48,9 @@ class _Entry:
     key: str
     item: Unsequenced
     reply: Reply
+    deadline: float
     target: str | None = None
+    rid: bytes | None = None  # while forwarded
     here: bool = False  # its owner did not listen: sequence it on this worker
     done: bool = False
 
@@ -62,17 +71,20 @@ class Forwarder:
         self._outbox = outbox
         self._clock = clock
         self._lanes: dict[_Lane, deque[_Entry]] = {}
-        self._forwards: dict[bytes, tuple[_Lane, _Entry, float]] = {}
+        self._forwards: dict[bytes, tuple[_Lane, _Entry]] = {}
+        self._deadlines: deque[tuple[_Lane, _Entry]] = deque()  # in route order: deadline order
         self._next_rid = 0
         self._forwarded = metrics.FORWARDED.labels(worker)
 
     def route(self, sender: Hashable, key: str, item: Unsequenced, reply: Reply) -> None:
-        """Sequence `item` at the owner of `key`; `reply` gets its seq or None."""
+        """Sequence `item` at the owner of `key`; `reply` gets its stamp or None, in time."""
         lane_id = (sender, key)
         lane = self._lanes.get(lane_id)
         if lane is None:
             lane = self._lanes[lane_id] = deque()
-        lane.append(_Entry(key, item, reply))
+        entry = _Entry(key, item, reply, self._clock() + FORWARD_TIMEOUT)
+        lane.append(entry)
+        self._deadlines.append((lane_id, entry))
         self._pump(lane_id, lane)
 
     def _pump(self, lane_id: _Lane, lane: deque[_Entry]) -> None:
@@ -90,24 +102,36 @@ class Forwarder:
 
     def _dispatch(self, lane_id: _Lane, entry: _Entry, target: str) -> None:
         entry.target = target
+
+        def wanted() -> bool:
+            return not entry.done
+
         if target == self._ring.slot:
-            self._sequencer.sequence(entry.key, entry.item, lambda seq: self._resolve(lane_id, entry, seq))
+            self._sequencer.sequence(
+                entry.key, entry.item, lambda stamp: self._resolve(lane_id, entry, stamp), wanted
+            )
             return
         self._next_rid += 1
-        rid = b"%d" % self._next_rid
-        self._forwards[rid] = (lane_id, entry, self._clock() + FORWARD_TIMEOUT)
+        rid = entry.rid = b"%d" % self._next_rid
+        self._forwards[rid] = (lane_id, entry)
         item = entry.item
         record = Forward(self._ring.slot, rid, item.dedup, entry.key, item.ts, item.head, item.tail)
         self._forwarded.inc()
         self._outbox.send(
-            keys.slot_inbox(target), encode_forward(record), on_nobody=lambda: self._unforward(rid)
+            keys.slot_inbox(target),
+            encode_forward(record),
+            on_nobody=lambda: self._unforward(rid),
+            on_failed=lambda: self._resolve(lane_id, entry, None),
+            wanted=wanted,
         )
 
-    def _resolve(self, lane_id: _Lane, entry: _Entry, seq: int | None) -> None:
+    def _resolve(self, lane_id: _Lane, entry: _Entry, stamp: Stamp | None) -> None:
         if entry.done:
             return
         entry.done = True
-        entry.reply(seq)
+        if entry.rid is not None:
+            self._forwards.pop(entry.rid, None)
+        entry.reply(stamp)
         lane = self._lanes.get(lane_id)
         if lane is None:
             return
@@ -124,19 +148,19 @@ class Forwarder:
         """Nobody listens on the owner's slot (it died): sequence here, in lane order."""
         pending = self._forwards.pop(rid, None)
         if pending is not None:
-            lane_id, entry, _ = pending
-            entry.target, entry.here = None, True
+            lane_id, entry = pending
+            entry.target, entry.here, entry.rid = None, True, None
             lane = self._lanes.get(lane_id)
             if lane is not None:
                 self._pump(lane_id, lane)
 
     def expire(self) -> None:
-        """Forwards not answered in time fail (`unavailable`); their lanes move on."""
+        """Publishes not answered by their deadline fail (`unavailable`); their lanes move on."""
         now = self._clock()
-        expired = [rid for rid, (_, _, deadline) in self._forwards.items() if deadline < now]
-        for rid in expired:
-            lane_id, entry, _ = self._forwards.pop(rid)
-            self._resolve(lane_id, entry, None)
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].deadline <= now:
+            lane_id, entry = deadlines.popleft()
+            self._resolve(lane_id, entry, None)  # nothing when it was answered already
 
     def on_slot_message(self, payload: bytes) -> None:
         """Forwards to sequence for other workers, and answers to ours."""
@@ -145,15 +169,19 @@ class Forwarder:
 
     def _on_record(self, record: Forward | Answer) -> None:
         if isinstance(record, Answer):
-            pending = self._forwards.pop(record.rid, None)
+            pending = self._forwards.get(record.rid)
             if pending is not None:
-                lane_id, entry, _ = pending
-                self._resolve(lane_id, entry, record.seq)
+                lane_id, entry = pending
+                stamp = None if record.seq is None else Stamp(record.seq, record.epoch)
+                self._resolve(lane_id, entry, stamp)
             return
         origin, rid = keys.slot_inbox(record.origin), record.rid
 
-        def answer(seq: int | None) -> None:
-            self._outbox.send(origin, encode_answer(Answer(rid, seq)))
+        def answer(stamp: Stamp | None) -> None:
+            if stamp is None:
+                self._outbox.send(origin, encode_answer(Answer(rid, None)))
+            else:
+                self._outbox.send(origin, encode_answer(Answer(rid, stamp.seq, stamp.epoch)))
 
         self._sequencer.sequence(
             record.key, Unsequenced(record.head, record.tail, record.ts, record.dedup), answer

@@ -3,7 +3,8 @@
 The hub keeps, per room with local members, what decides what a member may see next:
 the cursor (last seq delivered here), the epoch, the backlog of records that arrived
 while the room was opening or filling a hole, the frames queued for this loop turn, and
-the members whose replay is still being sent (their live frames are held back).
+the members whose replay is still being sent (they get their messages from history, and
+their events wait).
 
 It does no I/O and knows no clock (python-websockets' `Protocol` is the model): the
 caller feeds it what arrived (`receive`), what it fetched (`opened`, `filled`,
@@ -19,7 +20,8 @@ caller feeds it what arrived (`receive`), what it fetched (`opened`, `filled`,
   `fill_failed` when the read failed.
 - `Resync`: read the room's seq and epoch (after `delay`) and call `resynced`, or
   `resync_failed`.
-- `Restart`: history was lost (a new epoch): tell `members` they start over at `seq`.
+- `Restart`: history was lost (a new epoch whose last seq is `seq`): tell `members`; the
+  new epoch's messages from seq 1 follow (a `Fill`), as they were acked to their publishers.
 - `Delivered`, `Gap`: a message went out to `members` members / seqs first..last were
   announced lost; for metrics and logs (the gap frame itself is already queued).
 
@@ -161,7 +163,7 @@ class Room(Generic[M]):
 
     name: str
     members: set[M] = field(default_factory=set)
-    held: dict[M, list[tuple[bytes, Marks]]] = field(default_factory=dict)  # replaying: frames wait
+    held: dict[M, list[bytes]] = field(default_factory=dict)  # replaying: its events wait here
     cursor: int = 0
     epoch: str = ""
     phase: Phase = Phase.OPENING
@@ -204,10 +206,12 @@ class Hub(Generic[M]):
     # -- members --------------------------------------------------------------------------
 
     def hold(self, name: str, member: M) -> list[Effect[M]]:
-        """`member` joins (or rejoins) and is replayed to: its live frames wait.
+        """`member` joins (or rejoins) and is replayed to until `release`.
 
-        Frames queued so far go to the other members first: they are up to the cursor,
-        which the joiner's `joined` and replay cover.
+        Meanwhile its live messages are not queued for it: the replay reads them from
+        history until it reaches the cursor, so a long replay holds no more than a page,
+        and only events (presence) wait. Frames queued so far go to the other members
+        first: they are up to the cursor, which the joiner's `joined` and replay cover.
         """
         room = self.rooms[name]
         effects: list[Effect[M]] = []
@@ -217,13 +221,14 @@ class Hub(Generic[M]):
         return effects
 
     def release(self, name: str, member: M) -> list[Effect[M]]:
-        """The replay was sent: write what was held back, then deliver live."""
+        """The replay reached the cursor: write the events held back, then deliver live."""
         room = self.rooms[name]
         effects: list[Effect[M]] = []
         self._flush_into(room, effects)
         held = room.held.pop(member, None)
         if held:
-            effects.append(Write(name, (member,), *_joined(held)))
+            data = b"".join(held)
+            effects.append(Write(name, (member,), data, ((len(data), room.cursor),)))
         return effects
 
     def drop(self, name: str, member: M) -> bool:
@@ -273,9 +278,11 @@ class Hub(Generic[M]):
             return effects  # the room was closed (and maybe reopened) meanwhile
         room.attempts = 0
         if epoch != room.epoch:
-            # History was lost (Redis restarted): members start over from this epoch.
+            # History was lost (Redis restarted without persistence): members start over
+            # in this epoch, from its first seq. What it holds already was acked to its
+            # publishers, so skipping to `seq` would lose it silently.
             self._flush_into(room, effects)
-            room.epoch, room.cursor = epoch, seq
+            room.epoch, room.cursor = epoch, 0
             room.known = seq  # the backlog holds only records from after the resubscribe
             effects.append(Restart(name, tuple(room.members), seq, epoch))
             self._go_live(room, effects)
@@ -331,7 +338,7 @@ class Hub(Generic[M]):
     # -- writing ---------------------------------------------------------------------------------
 
     def flush(self, name: str) -> Write[M] | None:
-        """The frames queued this turn, as one write per member (held members keep theirs).
+        """The frames queued this turn, as one write per member (not to those being replayed to).
 
         Presence events queued this turn go to every member but their subject's: members
         of a subject user get a variant without their own events. A storm of joins in one
@@ -347,24 +354,27 @@ class Hub(Generic[M]):
         for user in set(subjects.values()):
             keep = [i for i in range(len(outgoing)) if subjects.get(i) != user]
             variants[user] = _frames([outgoing[i] for i in keep], [seqs[i] for i in keep])
+        self._hold_events(room)
         outgoing.clear()
         seqs.clear()
         subjects.clear()
-        return Write(name, self._live_members(room, data, marks, variants), data, marks, variants)
+        return Write(name, self._live_members(room), data, marks, variants)
 
     # -- internals --------------------------------------------------------------------------------
 
     @staticmethod
-    def _live_members(
-        room: Room[M], data: bytes, marks: Marks, variants: Mapping[str, tuple[bytes, Marks]]
-    ) -> Collection[M]:
-        """The members to write to now; a held member's copy waits in its queue."""
+    def _hold_events(room: Room[M]) -> None:
+        """A member being replayed to gets its messages from history; the turn's events
+        (but its own user's) wait for its release."""
+        events = sorted(room.outgoing_subjects.items())
+        for member, queue in room.held.items():
+            queue.extend(room.outgoing[i] for i, user in events if user != member.user)
+
+    @staticmethod
+    def _live_members(room: Room[M]) -> Collection[M]:
+        """The members to write the room's frames to now: not those being replayed to."""
         if not room.held:
             return room.members
-        for member, queue in room.held.items():
-            chunk = variants.get(member.user, (data, marks))
-            if chunk[0]:
-                queue.append(chunk)
         return [m for m in room.members if m not in room.held]
 
     def _flush_into(self, room: Room[M], effects: list[Effect[M]]) -> None:
@@ -447,13 +457,3 @@ def _frames(outgoing: list[bytes], seqs: list[int]) -> tuple[bytes, Marks]:
     if not outgoing:
         return b"", ()
     return b"".join(outgoing), tuple(zip(accumulate(map(len, outgoing)), seqs, strict=True))
-
-
-def _joined(chunks: list[tuple[bytes, Marks]]) -> tuple[bytes, Marks]:
-    """Chunks written as one: their data joined, their marks shifted to where they now end."""
-    marks: list[tuple[int, int]] = []
-    offset = 0
-    for data, chunk_marks in chunks:
-        marks.extend((offset + end, seq) for end, seq in chunk_marks)
-        offset += len(data)
-    return b"".join(data for data, _ in chunks), tuple(marks)

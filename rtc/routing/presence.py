@@ -7,6 +7,7 @@ import logging
 
 from rtc import metrics
 from rtc.broker.base import Membership
+from rtc.log import describe
 from rtc.protocol import encode, presence_halves
 from rtc.routing.tasks import Tasks
 
@@ -53,7 +54,7 @@ class Presence:
             ):
                 self._sweep_later(room)
         except Exception as exc:
-            log.warning("membership update for %s failed: %s", room, exc)
+            log.warning("membership update for %s failed: %s", room, describe(exc))
 
     async def members(self, room: str, limit: int) -> tuple[int, list[str]]:
         return await self._membership.members(room, limit)

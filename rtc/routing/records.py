@@ -7,10 +7,11 @@ Two formats travel on two kinds of channel:
   room event (presence). Frames are compact JSON, which never holds a raw newline.
 - **Slot records** on a worker slot's inbox: a forwarded publish
   `P\\n<origin>\\n<rid>\\n<dedup>\\n<key>\\n<ts>\\n<head>\\n<tail>`, and its answer,
-  `A\\n<rid>\\n<seq>` (sequenced) or `E\\n<rid>` (failed). Slot ids, request ids, dedup
-  tokens and room names never hold a newline, nor does the head (compact JSON up to the
-  seq); the tail comes last, so it may. Several records for one slot in one message:
-  `B`, then each as `<length>\\n<record>` (`encode_slots`).
+  `A\\n<rid>\\n<seq>\\n<epoch>` (sequenced) or `E\\n<rid>` (failed); an answer without the
+  epoch (from a worker of an older version, during a rolling upgrade) reads as epoch "".
+  Slot ids, request ids, dedup tokens, epochs and room names never hold a newline, nor does
+  the head (compact JSON up to the seq); the tail comes last, so it may. Several records
+  for one slot in one message: `B`, then each as `<length>\\n<record>` (`encode_slots`).
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ class Forward(NamedTuple):
 
 
 class Answer(NamedTuple):
-    """The owner's answer to a forward: the seq, or None when sequencing failed."""
+    """The owner's answer to a forward: the seq and its epoch, or seq None when it failed."""
 
     rid: bytes
     seq: int | None
+    epoch: str = ""
 
 
 def decode_records(payload: bytes) -> list[Record]:
@@ -92,7 +94,7 @@ def encode_forward(forward: Forward) -> bytes:
 def encode_answer(answer: Answer) -> bytes:
     if answer.seq is None:
         return b"E\n" + answer.rid
-    return b"A\n%s\n%d" % (answer.rid, answer.seq)
+    return b"A\n%s\n%d\n%s" % (answer.rid, answer.seq, answer.epoch.encode())
 
 
 def decode_slot(payload: bytes) -> Forward | Answer:
@@ -103,8 +105,10 @@ def decode_slot(payload: bytes) -> Forward | Answer:
             _, origin, rid, dedup, key, ts, head, tail = payload.split(b"\n", 7)
             return Forward(origin.decode(), rid, dedup.decode() or None, key.decode(), int(ts), head, tail)
         if kind == b"A\n":
-            _, rid, seq = payload.split(b"\n")
-            return Answer(rid, int(seq))
+            _, rid, seq, *epoch = payload.split(b"\n")
+            if len(epoch) > 1:
+                raise ValueError
+            return Answer(rid, int(seq), epoch[0].decode() if epoch else "")
         if kind == b"E\n":
             _, rid = payload.split(b"\n")
             return Answer(rid, None)

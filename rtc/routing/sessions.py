@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 from rtc.broker.base import SessionStore
 from rtc.connection import Connection
+from rtc.log import describe
 from rtc.protocol import inbox
 
 __all__ = ["CHECKPOINT_EVERY", "Rejoin", "Sessions"]
@@ -21,7 +22,7 @@ log = logging.getLogger("rtc.sessions")
 
 CHECKPOINT_EVERY = 1.0  # SPEC: a session's checkpoint is written at least every second
 
-Rejoin = tuple[str, int, str]  # room, checkpointed seq, epoch
+Rejoin = tuple[str, int | None, str | None]  # room, checkpointed seq, epoch (None: not saved)
 
 
 class Sessions:
@@ -33,18 +34,23 @@ class Sessions:
         self._ttl = ttl
 
     async def open(self, conn: Connection, sid: str | None) -> list[Rejoin] | None:
-        """Resume session `sid` when it is this user's (the rooms to rejoin), else start one."""
+        """Resume session `sid` when it is this user's (the rooms to rejoin), else start one.
+
+        The inbox comes first, and always: it is replayed before its live frames flow, even
+        when the session lost it (a connection that dropped before its first checkpoint).
+        """
         rejoin: list[Rejoin] | None = None
         if sid:
             saved = await self._store.load_session(sid)
             if saved.get("user") == conn.user:
                 conn.session = sid
-                rejoin = []
+                own = inbox(conn.user)
+                rooms: dict[str, Rejoin] = {own: (own, None, None)}
                 for name, value in saved.items():
                     if name.startswith("r:"):
                         seq, _, epoch = value.partition(":")
-                        rejoin.append((name[2:], int(seq), epoch))
-                rejoin.sort(key=lambda r: r[0] != inbox(conn.user))  # inbox first
+                        rooms[name[2:]] = (name[2:], int(seq), epoch)
+                rejoin = list(rooms.values())  # the inbox first: it was inserted first
         await self._store.save_sessions({conn.session: {"user": conn.user}}, self._ttl)
         return rejoin
 
@@ -61,7 +67,7 @@ class Sessions:
         """Session fields that changed: `r:<room>` -> `<seq>:<epoch>` per connection."""
         sessions: dict[str, dict[str, str]] = {}
         for conn in conns:
-            buffered = 0 if final else conn.transport.get_write_buffer_size()
+            buffered = conn.transport.get_write_buffer_size()
             changed: dict[str, str] = {}
             for room, seq in conn.checkpoint.changes(buffered, final=final).items():
                 epoch = self._epoch(room)
@@ -80,4 +86,4 @@ class Sessions:
             try:
                 await self.save(conns())
             except Exception as exc:
-                log.warning("session checkpoint failed: %s", exc)
+                log.warning("session checkpoint failed: %s", describe(exc))
