@@ -8,6 +8,7 @@ only that traffic flowed and arrived complete and in order.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import signal
 import socket
@@ -79,6 +80,24 @@ def _assert_clean(result: dict[str, Any]) -> None:
     assert result["integrity"] == {"gaps": 0, "duplicates": 0, "reordered": 0}
 
 
+def _assert_ramp(result: dict[str, Any], start_rate: float, factor: float, max_steps: int) -> None:
+    """The ramp's schedule, which the machine's speed cannot change (how many steps pass can):
+    rates rise by `factor` from `start_rate` for at most `max_steps` steps, a failed step is
+    run once more at its rate (the failed row kept, marked retried), and only a step that
+    failed again ends the ramp before `max_steps`."""
+    steps = result["steps"]
+    rates = [step["target_rate"] for step in steps if not step.get("retried")]
+    assert 1 <= len(rates) <= max_steps, steps
+    assert rates == [round(start_rate * factor**k, 1) for k in range(len(rates))], steps
+    for step, following in itertools.pairwise(steps):
+        if step.get("retried"):
+            assert step["failures"] and following["target_rate"] == step["target_rate"], steps
+            assert not following.get("retried"), steps
+    assert not steps[-1].get("retried")
+    if len(rates) < max_steps:
+        assert steps[-1]["failures"], steps
+
+
 @pytest.mark.timeout(60)
 def test_fanout_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
     url, pid = bare
@@ -86,12 +105,13 @@ def test_fanout_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
     run = _loadgen(
         "fanout", "--url", url, "--server-pid", str(pid), "--members", "20",
         "--start-rate", "20", "--factor", "2", "--step-seconds", "1", "--max-steps", "2",
-        "--json", str(out),
+        "--p99-ms", "60000", "--json", str(out),
     )  # fmt: skip
+    # Latency is not judged here: a loaded machine's stalls must not end the ramp early.
     result = json.loads(out.read_text())
     _assert_clean(result)
     assert result["opened"] == 20
-    assert len(result["steps"]) == 2
+    _assert_ramp(result, start_rate=20, factor=2, max_steps=2)
     first = result["steps"][0]
     assert first["deliveries_per_s"] > 0
     assert first["delivery_ratio"] == 1.0
