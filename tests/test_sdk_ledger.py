@@ -128,6 +128,7 @@ async def test_python_sdk_ledger_holds_through(
     counts = check(await workload.finish())
     _report("python", disruption, counts)
     assert counts["reconnects"] > 0, "the disruption reached no client"
+    assert counts["resumed"] == counts["resumed_with_positions"] == counts["reconnects"], counts
 
 
 @pytest.mark.parametrize("disruption", list(DISRUPTIONS))
@@ -164,3 +165,4 @@ def test_js_sdk_ledger_holds_through(disruption: str, cluster: tuple[dict[str, H
     counts = check(Ledger.from_json(json.loads(out.strip().splitlines()[-1])))
     _report("js", disruption, counts)
     assert counts["reconnects"] > 0, "the disruption reached no client"
+    assert counts["resumed"] == counts["resumed_with_positions"] == counts["reconnects"], counts

@@ -86,7 +86,8 @@ async def test_dropped_socket_resumes_without_loss_and_queued_publishes_go_once(
     ann, bob = clients
     room_a, room_b = await ann.join("py-resume"), await bob.join("py-resume")
     resumed = asyncio.Event()
-    ann.on("resumed", lambda _: resumed.set())
+    welcomes: list[dict[str, Any]] = []
+    ann.on("resumed", lambda welcome: (welcomes.append(welcome), resumed.set()))
     await room_b.publish("before")
     session = ann.session
     await ann.reconnect()
@@ -95,6 +96,7 @@ async def test_dropped_socket_resumes_without_loss_and_queued_publishes_go_once(
         await room_b.publish(f"while-{i}")
     await asyncio.wait_for(resumed.wait(), 10)
     assert ann.session == session
+    assert "py-resume" in welcomes[0]["rooms"]  # resumed from the client's own positions
     queued = await asyncio.gather(*meanwhile)
     await room_b.publish("after")
     got = await take(room_a, 12)

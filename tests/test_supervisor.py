@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import socket
 import tempfile
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from tests.client import ResilientPublisher, ResumingClient
-from tests.rtcproc import Host, RedisServer, hosts, ring_view, wait_for
+from tests.rtcproc import Host, RedisServer, hosts, ring_view, start_host, wait_for
 from tests.test_lifecycle import FAST, assert_complete
 
 pytestmark = pytest.mark.timeout(120)
@@ -155,6 +156,23 @@ def test_overrun_stop_exits_non_zero(redis_server: RedisServer) -> None:
         assert host.process.wait(20) == 4
         assert "did not stop in time" in host.log()
         assert not psutil.pid_exists(victim)
+
+
+def test_sigterm_while_workers_still_boot_stops_them_all_in_time() -> None:
+    """SIGTERM as soon as the first worker serves: the others are still waiting to see
+    their siblings in the ring, and one that already left for good must not hold them.
+    Before the fix most attempts ended with a worker killed at the deadline (exit 4)."""
+    codes = []
+    for attempt in range(5):
+        host = start_host(f"early{attempt}", None, workers=3, wait=False)
+        try:
+            wait_for(lambda h=host: "serving as slot" in h.log(), 30, "a worker serving", interval=0.005)
+            host.signal(signal.SIGTERM)
+            codes.append(host.process.wait(30))
+        finally:
+            host.stop()
+            shutil.rmtree(host.runtime_dir, ignore_errors=True)
+    assert codes == [0] * 5, codes
 
 
 def test_graceful_stop_exits_zero(redis_server: RedisServer) -> None:

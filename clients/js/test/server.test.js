@@ -92,6 +92,7 @@ test("a dropped socket resumes: nothing missed, nothing twice, publishes made me
   for (let i = 0; i < 8; i++) await roomB.publish(`while-${i}`);
   const welcome = await resumed;
   assert.equal(welcome.session, ann.session);
+  assert.ok(Array.isArray(welcome.rooms), "resumed from the client's own positions (positions=1)");
   const seqs = await Promise.all(meanwhile);
   await roomB.publish("after");
   const messages = await got;
