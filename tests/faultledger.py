@@ -430,7 +430,7 @@ class Report:
     subscriber_reconnects: int = 0
     publisher_reconnects: int = 0
 
-    def invariant_failures(self, answer_limit: float = 3.0, health_limit: float = 2.0) -> list[str]:
+    def invariant_failures(self, answer_limit: float = 4.0, health_limit: float = 3.0) -> list[str]:
         """What broke a contract: loss, duplicates, reorder, slow answers, /health."""
         failures = []
         if self.lost:

@@ -24,7 +24,7 @@ from rtc.routing.forwarder import Forwarder
 from rtc.routing.outbox import Outbox
 from rtc.routing.records import Answer, Forward, decode_slots, encode_answer
 from rtc.routing.ring import RingMember
-from rtc.routing.sequencer import Sequencer
+from rtc.routing.sequencer import Reply, Sequencer
 from rtc.routing.tasks import Tasks
 from tests.rtcproc import RedisServer
 
@@ -53,7 +53,7 @@ async def world(fresh_redis: RedisServer) -> AsyncIterator[World]:
     await there.start()
     membership = RingMember(here, here, HERE, "i")
     sequencer = Sequencer(here, tasks, 100, 60, 2.0)
-    forwarder = Forwarder(membership, sequencer, Outbox(here, tasks), "0")
+    forwarder = Forwarder(membership, sequencer, Outbox(here, tasks, 2.0), "0")
     channels.listen(membership.inbox, Listener(forwarder.on_slot_message))
     await here.subscribe(membership.inbox)
     forwards: asyncio.Queue[bytes] = asyncio.Queue()
@@ -68,6 +68,11 @@ async def world(fresh_redis: RedisServer) -> AsyncIterator[World]:
 def item(text: str, room: str = ROOM) -> Unsequenced:
     head, tail = message_halves(room, "u", orjson.dumps(text), 1000)
     return Unsequenced(head, tail, 1000, None)
+
+
+def seq_into(future: asyncio.Future[int | None]) -> Reply:
+    """A reply that resolves `future` with the seq (the epoch is the sequencer's business)."""
+    return lambda stamp: future.set_result(None if stamp is None else stamp.seq)
 
 
 async def received(world: World, count: int) -> list[Forward]:
@@ -97,7 +102,7 @@ async def test_a_publish_whose_owner_changed_waits_for_the_one_ahead(world: Worl
 
     def route(text: str) -> None:
         replies[text] = loop.create_future()
-        world.forwarder.route(1, ROOM, item(text), replies[text].set_result)
+        world.forwarder.route(1, ROOM, item(text), seq_into(replies[text]))
 
     world.membership.ring = BOTH
     route("first")
@@ -121,12 +126,12 @@ async def test_publishes_to_one_owner_are_pipelined_and_other_lanes_do_not_wait(
     world.membership.ring = BOTH
     ahead = [loop.create_future() for _ in range(3)]
     for n, future in enumerate(ahead):
-        world.forwarder.route(1, ROOM, item(f"a{n}"), future.set_result)
+        world.forwarder.route(1, ROOM, item(f"a{n}"), seq_into(future))
     forwards = await received(world, len(ahead))  # all sent, none waiting for another
 
     world.membership.ring = Ring([HERE])
     other = loop.create_future()
-    world.forwarder.route(2, ROOM, item("other connection"), other.set_result)
+    world.forwarder.route(2, ROOM, item("other connection"), seq_into(other))
     assert await asyncio.wait_for(other, 5) == 1  # another lane: sequenced here at once
 
     for forward in forwards:
@@ -142,7 +147,7 @@ async def test_a_forward_nobody_receives_is_sequenced_here_in_lane_order(
     room = next(f"gone{i}" for i in range(1000) if world.membership.ring.owner(f"gone{i}") == "t:9")
     replies = [loop.create_future() for _ in range(3)]
     for n, future in enumerate(replies):
-        world.forwarder.route(1, room, item(f"g{n}", room), future.set_result)
+        world.forwarder.route(1, room, item(f"g{n}", room), seq_into(future))
     assert [await asyncio.wait_for(f, 5) for f in replies] == [1, 2, 3]
     history = fresh_redis.cli("XRANGE", keys.room_history(room), "-", "+")
     assert history.index('"g0"') < history.index('"g1"') < history.index('"g2"')

@@ -3,8 +3,9 @@
 Short runs of the ledger in `tests/faultledger.py` (the full matrix with its figures is
 `python -m tests.faultledger`, see docs/reliability.md). Each asserts SPEC's contracts:
 no acked message missing at any subscriber (an epoch change included), no duplicate, no
-reorder, an answer to every publish within 2 s (asserted with slack: 3 s), `/health`
-answering while Redis does not, and no host leaving its load balancer over a Redis stall.
+reorder, an answer to every publish within 2 s and `/health` within 1 s (asserted with
+slack for a loaded 2-core test machine: 4 s and 3 s, still well under the faults' length,
+which is what they took before), and no host leaving its load balancer over a Redis stall.
 """
 
 from __future__ import annotations
@@ -34,21 +35,21 @@ def faulty() -> Iterator[tuple[list[Host], RedisBox]]:
 
 
 async def test_redis_stalled_past_the_ring_lease(faulty: tuple[list[Host], RedisBox]) -> None:
-    """SIGSTOP for 4 s (longer than the 3 s lease): answers in time, no loss, no flap."""
-    report = await run_fault(*faulty, sigstop(4), warmup=1.0, after=4.0)
+    """SIGSTOP for 6 s (longer than the 3 s lease): answers in time, no loss, no flap."""
+    report = await run_fault(*faulty, sigstop(6), warmup=1.0, after=4.0)
     print(report)
     assert report.invariant_failures() == []
     assert report.unavailable > 0, "the stall must have refused some publishes"
 
 
 async def test_client_pause(faulty: tuple[list[Host], RedisBox]) -> None:
-    report = await run_fault(*faulty, client_pause(3), warmup=1.0, after=3.0)
+    report = await run_fault(*faulty, client_pause(5), warmup=1.0, after=3.0)
     print(report)
     assert report.invariant_failures() == []
 
 
 async def test_debug_sleep(faulty: tuple[list[Host], RedisBox]) -> None:
-    report = await run_fault(*faulty, debug_sleep(3), warmup=1.0, after=3.0)
+    report = await run_fault(*faulty, debug_sleep(5), warmup=1.0, after=3.0)
     print(report)
     assert report.invariant_failures() == []
 
