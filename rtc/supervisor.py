@@ -70,6 +70,7 @@ class Supervisor:
     def __post_init__(self) -> None:
         self._signals: list[int] = []
         self._children: dict[int, _Child] = {}  # fleet id -> child
+        self._exited: _Child | None = None  # the child being reaped, for the fleet's log lines
         self._fleet = Fleet(
             self.settings.workers, self.settings.shutdown_timeout, self.settings.worker_timeout
         )
@@ -263,11 +264,15 @@ class Supervisor:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(child.report)
             os.close(child.report)
+            # Gone from the table before the fleet's effects run: a replacement spawned by
+            # them must not close this descriptor number again (the new pipe may reuse it).
+            del self._children[child.id]
+            self._exited = child
             self._mark_dead(child.pid)
             child.code = os.waitstatus_to_exitcode(status)
             log.debug("worker %d (pid %d) exited %d", child.slot, child.pid, child.code)
             self._apply(self._fleet.exited(child.id, child.code, time.monotonic()))
-            del self._children[child.id]
+            self._exited = None
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
@@ -294,6 +299,8 @@ class Supervisor:
                     self._notify(state)
                 case Log(level, message, worker):
                     child = self._children.get(worker) if worker is not None else None
+                    if child is None and self._exited is not None and self._exited.id == worker:
+                        child = self._exited
                     if child is not None:
                         why = f": {child.failure}" if child.failure else ""
                         message = f"{message} (pid {child.pid}{why})"
