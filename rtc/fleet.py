@@ -255,6 +255,10 @@ class Fleet:
     def rolling(self) -> bool:
         return self._roll is not None
 
+    def roll_position(self) -> int | None:
+        """During a rolling restart, the slot being replaced counting from 1 (0: not begun)."""
+        return None if self._roll is None else self.workers - len(self._roll.pending)
+
     def ready_count(self) -> int:
         return sum(1 for w in self._table.values() if w.ready and not w.retiring)
 

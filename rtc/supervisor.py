@@ -70,6 +70,7 @@ class Supervisor:
     def __post_init__(self) -> None:
         self._signals: list[int] = []
         self._children: dict[int, _Child] = {}  # fleet id -> child
+        self._exited: _Child | None = None  # the child being reaped, for the fleet's log lines
         self._fleet = Fleet(
             self.settings.workers, self.settings.shutdown_timeout, self.settings.worker_timeout
         )
@@ -84,6 +85,9 @@ class Supervisor:
         self._exit: int | None = None
         self._wakeup_r = self._wakeup_w = -1
         self._next_status = 0.0
+        self._roll_step: tuple[int | None, int] | None = None  # last reload step shown
+        self._reload_started: float | None = None
+        self._last_reload = ""  # shown after a reload, which may be over before anyone looks
         self._next_watchdog = 0.0
 
     # -- start ------------------------------------------------------------------------------
@@ -260,11 +264,15 @@ class Supervisor:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(child.report)
             os.close(child.report)
+            # Gone from the table before the fleet's effects run: a replacement spawned by
+            # them must not close this descriptor number again (the new pipe may reuse it).
+            del self._children[child.id]
+            self._exited = child
             self._mark_dead(child.pid)
             child.code = os.waitstatus_to_exitcode(status)
             log.debug("worker %d (pid %d) exited %d", child.slot, child.pid, child.code)
             self._apply(self._fleet.exited(child.id, child.code, time.monotonic()))
-            del self._children[child.id]
+            self._exited = None
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
@@ -291,6 +299,8 @@ class Supervisor:
                     self._notify(state)
                 case Log(level, message, worker):
                     child = self._children.get(worker) if worker is not None else None
+                    if child is None and self._exited is not None and self._exited.id == worker:
+                        child = self._exited
                     if child is not None:
                         why = f": {child.failure}" if child.failure else ""
                         message = f"{message} (pid {child.pid}{why})"
@@ -310,6 +320,10 @@ class Supervisor:
 
     def _notify(self, state: str) -> None:
         if state == "READY":
+            if self._reload_started is not None:
+                took = time.monotonic() - self._reload_started
+                self._last_reload = f"; last reload replaced {self.settings.workers} workers in {took:.1f}s"
+                self._reload_started = None
             self._notifier.notify("READY=1", self._status_line())
             if not self._booted:
                 self._booted = True
@@ -323,6 +337,7 @@ class Supervisor:
                     "embedded" if self._redis else "external",
                 )
         elif state == "RELOADING":
+            self._reload_started = time.monotonic()
             self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         else:
             log.info("draining workers")
@@ -369,7 +384,12 @@ class Supervisor:
         if self.settings.watchdog_usec and now >= self._next_watchdog:
             self._notifier.notify("WATCHDOG=1")
             self._next_watchdog = now + self.settings.watchdog_usec / 2e6
-        if self._booted and now >= self._next_status:
+        if not self._booted:
+            return
+        # Every 5 s; during a reload also at each step, so a short one shows its progress too.
+        step = (self._fleet.roll_position(), self._fleet.ready_count()) if self._fleet.rolling else None
+        if now >= self._next_status or step != self._roll_step:
+            self._roll_step = step
             self._notifier.notify(self._status_line())
             self._next_status = now + 5.0
 
@@ -378,7 +398,15 @@ class Supervisor:
 
         ready = self._fleet.ready_count()
         active = hostmetrics.snapshot()["active_connections"]
-        return f"STATUS={ready}/{self.settings.workers} workers ready, {active} connections"
+        position = self._fleet.roll_position()
+        if position is not None:
+            return (
+                f"STATUS=reloading: replacing worker {max(position, 1)}/{self.settings.workers}, "
+                f"{ready} ready, {active} connections"
+            )
+        return (
+            f"STATUS={ready}/{self.settings.workers} workers ready, {active} connections{self._last_reload}"
+        )
 
     def _cleanup(self) -> None:
         if self._children:  # a failed boot or an exception: stop what is left, bounded

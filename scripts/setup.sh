@@ -4,7 +4,8 @@
 #
 #   scripts/setup.sh server   redis-server only (what `rtc serve` needs)
 #   scripts/setup.sh test     everything the test suite drives: redis, haproxy, nginx,
-#                             promtool, chromium, systemd-analyze, and Autobahn's wstest
+#                             promtool, chromium, systemd-analyze, debootstrap and
+#                             systemd-nspawn (a real systemd test), and Autobahn's wstest
 # Idempotent: a second run installs nothing and takes seconds.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,7 +15,8 @@ mode="${1:-server}"
 declare -A packages=([redis-server]=redis-server [redis-cli]=redis-tools)
 if [ "$mode" = test ]; then
     packages+=([haproxy]=haproxy [nginx]=nginx [promtool]=prometheus [chromium]=chromium
-               [systemd-analyze]=systemd [ip]=iproute2 [jq]=jq [curl]=curl [node]=nodejs)
+               [systemd-analyze]=systemd [ip]=iproute2 [jq]=jq [curl]=curl [node]=nodejs
+               [debootstrap]=debootstrap [systemd-nspawn]=systemd-container)
 fi
 missing=()
 for program in "${!packages[@]}"; do

@@ -332,16 +332,21 @@ def haproxy_server_status(proxy: RunningProxy, backend: str, server: str) -> str
     raise KeyError(f"{backend}/{server} not in show stat")
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, errors: Path, what: str) -> None:
+def _wait_listening(proc: subprocess.Popen[bytes], address: int | Path, errors: Path, what: str) -> None:
+    """Until ``proc`` accepts on a loopback port or a Unix socket path (HAProxy's runtime
+    socket appears after its ports do: one cannot stand for the other)."""
+    family, target = (
+        (socket.AF_INET, (LOOPBACK, address)) if isinstance(address, int) else (socket.AF_UNIX, str(address))
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited {proc.returncode}: {errors.read_text()}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            if sock.connect_ex((LOOPBACK, port)) == 0:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            if sock.connect_ex(target) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"{what} not listening on {port}: {errors.read_text()}")
+    raise RuntimeError(f"{what} not listening on {address}: {errors.read_text()}")
 
 
 @contextmanager
@@ -371,6 +376,7 @@ def run_haproxy(
         proc = subprocess.Popen([require_program("haproxy"), "-db", "-f", str(cfg)], stdout=out, stderr=err)
     try:
         _wait_listening(proc, port, err_path, "haproxy")
+        _wait_listening(proc, workdir / "admin.sock", err_path, "haproxy")
         yield RunningProxy("haproxy", port, workdir, proc, log_path, workdir / "admin.sock")
     finally:
         stop_process(proc)

@@ -111,7 +111,13 @@ def start_redis(*extra: str, port: int | None = None, directory: Path | None = N
         stdout=subprocess.DEVNULL,
     )
     server = RedisServer(port, process, directory)
-    wait_for(lambda: _redis_ping(port), 10, "redis-server")
+    try:
+        wait_for(lambda: _redis_ping(port) or process.poll() is not None, 10, "redis-server")
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server on port {port} exited {process.returncode}")
+    except BaseException:  # no half-started server left to whichever test runs next
+        server.stop()
+        raise
     return server
 
 

@@ -7,7 +7,7 @@ only that traffic flowed and arrived complete and in order.
 
 from __future__ import annotations
 
-import csv
+import itertools
 import json
 import signal
 import socket
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.rtcproc import SECRET as RTC_SECRET
-from tests.rtcproc import hosts
+from tests.rtcproc import RedisServer, hosts
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -79,6 +79,24 @@ def _assert_clean(result: dict[str, Any]) -> None:
     assert result["integrity"] == {"gaps": 0, "duplicates": 0, "reordered": 0}
 
 
+def _assert_ramp(result: dict[str, Any], start_rate: float, factor: float, max_steps: int) -> None:
+    """The ramp's schedule, which the machine's speed cannot change (how many steps pass can):
+    rates rise by `factor` from `start_rate` for at most `max_steps` steps, a failed step is
+    run once more at its rate (the failed row kept, marked retried), and only a step that
+    failed again ends the ramp before `max_steps`."""
+    steps = result["steps"]
+    rates = [step["target_rate"] for step in steps if not step.get("retried")]
+    assert 1 <= len(rates) <= max_steps, steps
+    assert rates == [round(start_rate * factor**k, 1) for k in range(len(rates))], steps
+    for step, following in itertools.pairwise(steps):
+        if step.get("retried"):
+            assert step["failures"] and following["target_rate"] == step["target_rate"], steps
+            assert not following.get("retried"), steps
+    assert not steps[-1].get("retried")
+    if len(rates) < max_steps:
+        assert steps[-1]["failures"], steps
+
+
 @pytest.mark.timeout(60)
 def test_fanout_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
     url, pid = bare
@@ -86,17 +104,20 @@ def test_fanout_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
     run = _loadgen(
         "fanout", "--url", url, "--server-pid", str(pid), "--members", "20",
         "--start-rate", "20", "--factor", "2", "--step-seconds", "1", "--max-steps", "2",
-        "--json", str(out),
+        "--p99-ms", "60000", "--json", str(out),  # latency is not judged: a busy machine is slow
     )  # fmt: skip
     result = json.loads(out.read_text())
     _assert_clean(result)
     assert result["opened"] == 20
-    assert len(result["steps"]) == 2
+    _assert_ramp(result, start_rate=20, factor=2, max_steps=2)
     first = result["steps"][0]
     assert first["deliveries_per_s"] > 0
     assert first["delivery_ratio"] == 1.0
     assert first["server_cpu_pct"] is not None
-    assert result["max_sustainable_deliveries_per_s"] > 0
+    # Whether a step is sustained depends on the machine (a starved load generator cannot
+    # keep its rate); what the tool must get right is the figure it reports from them.
+    sustained = [step["deliveries_per_s"] for step in result["steps"] if not step["failures"]]
+    assert result["max_sustainable_deliveries_per_s"] == max(sustained, default=0.0), result["steps"]
     assert "max sustainable" in run.stdout
 
 
@@ -170,61 +191,70 @@ def test_compare_bare_and_socketio(tmp_path: Path) -> None:
     assert "churn: connect+close cycles/s" in run.stdout
 
 
+def _locust_stats(figures: Path) -> dict[str, dict[str, Any]]:
+    """Locust's figures at exit, by request name. Not its --csv files: those are snapshots
+    rewritten once a second and not at exit, so a loaded run's last second (or, for a short
+    run, its connects) can be missing from them."""
+    entries = json.loads(figures.with_name(figures.name + ".json").read_text())
+    return {entry["name"]: entry for entry in entries}
+
+
 @pytest.mark.timeout(60)
 def test_locustfile_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
     url, _pid = bare
-    prefix = tmp_path / "locust"
-    _run(
+    figures = tmp_path / "locust"
+    run = _run(
         [
             LOCUST, "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "-u", "2",
             "-r", "2", "-t", "5s", "--rooms", "1", "--host", url, "--jwt-secret", SECRET,
-            "--csv", str(prefix), "--only-summary",
+            "--json-file", str(figures), "--only-summary",
         ],
         timeout=45,
     )  # fmt: skip
-    with (tmp_path / "locust_stats.csv").open() as stats:
-        rows = {row["Name"]: row for row in csv.DictReader(stats)}
-    assert int(rows["connect"]["Request Count"]) == 2
-    assert int(rows["deliver"]["Request Count"]) > 0
-    assert int(rows["publish"]["Request Count"]) > 0
-    assert all(int(row["Failure Count"]) == 0 for row in rows.values())
+    rows = _locust_stats(figures)
+    assert "connect" in rows, run.stderr[-3000:]
+    assert rows["connect"]["num_requests"] == 2
+    assert rows["deliver"]["num_requests"] > 0
+    assert rows["publish"]["num_requests"] > 0
+    assert all(row["num_failures"] == 0 for row in rows.values()), rows
 
 
 @pytest.mark.timeout(90)
 def test_locustfile_against_rtc(tmp_path: Path) -> None:
     """The locust user speaks rtc: connects, publishes acked, deliveries in order."""
     with hosts(("a", None)) as (host,):
-        prefix = tmp_path / "locust"
-        _run(
+        figures = tmp_path / "locust"
+        run = _run(
             [
                 LOCUST, "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "-u", "4",
                 "-r", "4", "-t", "5s", "--rooms", "2", "--host", f"ws://127.0.0.1:{host.port}",
-                "--jwt-secret", RTC_SECRET, "--csv", str(prefix), "--only-summary",
+                "--jwt-secret", RTC_SECRET, "--json-file", str(figures), "--only-summary",
             ],
             timeout=60,
         )  # fmt: skip
-    with (tmp_path / "locust_stats.csv").open() as stats:
-        rows = {row["Name"]: row for row in csv.DictReader(stats)}
-    assert int(rows["connect"]["Request Count"]) == 4
-    assert int(rows["publish"]["Request Count"]) > 0
-    assert int(rows["deliver"]["Request Count"]) > 0
-    assert all(int(row["Failure Count"]) == 0 for row in rows.values()), rows
+    rows = _locust_stats(figures)
+    assert "connect" in rows, run.stderr[-3000:]
+    assert rows["connect"]["num_requests"] == 4
+    assert rows["publish"]["num_requests"] > 0
+    assert rows["deliver"]["num_requests"] > 0
+    assert all(row["num_failures"] == 0 for row in rows.values()), rows
 
 
-@pytest.mark.timeout(120)
-def test_compare_smoke_on_rtc(tmp_path: Path) -> None:
-    """Every scenario against real rtc hosts (two for `cross`), tiny: the tools speak rtc."""
-    out = tmp_path / "rtc"
-    _loadgen(
-        "compare", "--out", str(out), "--servers", "rtc", "--rtc-workers", "2",
-        "--scenarios", "idle,fanout,cross,direct,churn,storm", "--idle-conns", "20",
-        "--members", "10", "--users", "10", "--start-rate", "10", "--direct-start-rate", "10",
-        "--step-seconds", "1", "--max-steps", "1", "--churn-slots", "2", "--churn-seconds", "1",
-        "--storm-conns", "20", "--storm-rooms", "2",
-        timeout=110,
-    )  # fmt: skip
-    results = json.loads((out / "results.json").read_text())["results"]["rtc"]
-    storm = results["storm"]
+@pytest.mark.timeout(90)
+def test_storm_against_rtc_resumes_every_session(fresh_redis: RedisServer, tmp_path: Path) -> None:
+    """Connect storm, drop, resume storm, on a real host: every socket resumes its own
+    session, every worker's loop is pinged, Redis commands per connect are counted."""
+    out = tmp_path / "storm.json"
+    with hosts(("a", fresh_redis.url)) as (host,):
+        _run(
+            [
+                PYTHON, "-m", "bench.loadgen", "storm", "--url", f"ws://127.0.0.1:{host.port}",
+                "--server-pid", str(host.process.pid), "--redis-url", fresh_redis.url,
+                "--conns", "20", "--rooms", "2", "--jwt-secret", RTC_SECRET, "--json", str(out),
+            ],
+            timeout=75,
+        )  # fmt: skip
+    storm = json.loads(out.read_text())
     assert storm["connect"]["opened"] == 20 and storm["connect"]["failed"] == 0, storm["connect"]
     # Every socket dropped and came back into its own session, which rejoined its room.
     assert storm["resume"]["opened"] == 20 and storm["resume"]["resumed"] == 20, storm["resume"]
@@ -233,6 +263,20 @@ def test_compare_smoke_on_rtc(tmp_path: Path) -> None:
         assert pings and "?" not in pings, pings  # every probe was matched to its worker
         assert all(summary["count"] > 0 for summary in pings.values()), pings
         assert storm[phase]["redis_commands_per_connect"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_compare_smoke_on_rtc(tmp_path: Path) -> None:
+    """Every scenario against real rtc hosts (two for `cross`), tiny: the tools speak rtc."""
+    out = tmp_path / "rtc"
+    _loadgen(
+        "compare", "--out", str(out), "--servers", "rtc", "--rtc-workers", "2",
+        "--scenarios", "idle,fanout,cross,direct,churn", "--idle-conns", "20", "--members", "10",
+        "--users", "10", "--start-rate", "10", "--direct-start-rate", "10", "--step-seconds", "1",
+        "--max-steps", "1", "--churn-slots", "2", "--churn-seconds", "1",
+        timeout=110,
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())["results"]["rtc"]
     assert results["idle"]["opened"] == 20 and results["idle"]["failed"] == 0
     for scenario in ("fanout", "cross", "direct"):
         step = results[scenario]["steps"][0]

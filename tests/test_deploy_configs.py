@@ -367,7 +367,11 @@ def test_unit_exec_lines_speak_sd_notify(unit: dict[str, list[str]]) -> None:
         proc.send_signal(signal.SIGHUP)  # ExecReload=/bin/kill -s HUP $MAINPID
         reloading = notify.wait_for("RELOADING", "1", timeout=10)
         assert "MONOTONIC_USEC" in reloading
-        notify.wait_for("READY", "1", timeout=60)
+        reloaded = notify.wait_for("READY", "1", timeout=60)
+        # The Status line follows the reload step by step, then keeps its outcome.
+        during = [f["STATUS"] for _, f in notify.received if f.get("STATUS", "").startswith("reloading:")]
+        assert "reloading: replacing worker 2/2" in " ".join(during), during
+        assert re.search(r"last reload replaced 2 workers in [\d.]+s$", reloaded["STATUS"]), reloaded
 
         proc.send_signal(signal.SIGTERM)  # KillMode=mixed: the main process only
         notify.wait_for("STOPPING", "1", timeout=10)

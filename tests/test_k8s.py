@@ -25,6 +25,7 @@ from typing import Any
 
 import kubernetes_validate
 import orjson
+import psutil
 import pytest
 import yaml
 
@@ -366,7 +367,19 @@ def test_liveness_fails_once_the_supervisor_is_stopped(live_host: Host) -> None:
     """A supervisor that no longer runs (SIGSTOP here) makes /livez 503, so the kubelet restarts."""
     live_host.signal(signal.SIGSTOP)
     try:
+        supervisor = psutil.Process(live_host.process.pid)
+        wait_for(lambda: supervisor.status() == psutil.STATUS_STOPPED, 5, "the supervisor stopped")
         assert _probe(live_host, CONTAINER["livenessProbe"]) == 503
     finally:
         live_host.signal(signal.SIGCONT)
     assert _probe(live_host, CONTAINER["livenessProbe"]) == 200
+
+
+def test_rtc_seeds_are_the_redis_cluster_pods() -> None:
+    redis = _find("redis-cluster.yaml", "StatefulSet", "redis-cluster")
+    service = redis["spec"]["serviceName"]
+    pods = {
+        f"redis://{redis['metadata']['name']}-{i}.{service}:6379" for i in range(redis["spec"]["replicas"])
+    }
+    seeds = _find("rtc-config.yaml", "ConfigMap", "rtc-env")["data"]["RTC_REDIS_CLUSTER"].split(",")
+    assert set(seeds) == pods

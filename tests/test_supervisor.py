@@ -124,6 +124,20 @@ def test_hung_worker_is_killed_and_replaced(redis_server: RedisServer) -> None:
         print(f"\nhung worker killed {killed_after:.1f}s after SIGSTOP (--worker-timeout 3)")
 
 
+def test_a_killed_workers_replacement_starts_at_the_first_attempt(redis_server: RedisServer) -> None:
+    """The reaped worker's pipe is out of the supervisor's table before its replacement
+    forks: the replacement must not close that descriptor number again (the new pipe can
+    reuse it), which made the first attempt die with EBADF and the slot wait for a retry."""
+    with hosts(("killed", redis_server.url)) as (host,):
+        victim, survivor = host.worker_pids()
+        psutil.Process(victim).kill()
+        wait_for(lambda: len(host.worker_pids()) == 2 and host.healthy(), 10, "a replacement")
+        assert survivor in host.worker_pids()
+        log = host.log()
+        assert "Bad file descriptor" not in log and "Traceback" not in log, log
+        assert log.count("died (exit") == 1, log
+
+
 async def test_clients_of_a_hung_worker_resume_without_loss(redis_server: RedisServer) -> None:
     """Members and a publisher on a host whose worker hangs: once it is killed they
     reconnect with their sessions, and every published message reaches every member."""

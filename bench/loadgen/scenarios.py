@@ -376,10 +376,11 @@ def churn(target: Target, fp: FleetParams, slots: int, seconds: float, max_cycle
 
 
 class _LoopProbes:
-    """Pings every server worker's loop from a process of its own during a storm phase.
+    """Pings the first host's worker loops from a process of its own during a storm phase.
 
-    Probe sockets land on workers as the kernel's SO_REUSEPORT hash picks; each is mapped
-    to its worker by its peer port, and probes are added until every worker has one.
+    Probe sockets land on workers as the kernel's SO_REUSEPORT hash picks (8 of them reach
+    both workers of a 2-worker host but for a 1-in-128 chance); each is mapped to its
+    worker by its peer port, and the summary is per worker PID.
     """
 
     def __init__(self, target: Target, fp: FleetParams, count: int, interval: float) -> None:

@@ -231,7 +231,7 @@ def _rtc_argv(launch: Launch) -> list[str]:
     # the load generator spreads its rate over every member anyway.
     return [
         sys.executable, "-m", "rtc", "serve", "--host", _HOST, "--port", str(launch.port),
-        "--metrics-port", str(free_port()), "--workers", str(launch.rtc_workers),
+        "--metrics-port", str(free_port(avoid=launch.port)), "--workers", str(launch.rtc_workers),
         "--node-id", launch.node_id, *launch.redis_args,
         "--runtime-dir", str(launch.workdir / f"rtc-{launch.node_id}"),
         "--jwt-secret", launch.jwt_secret, "--rate", "100000", "--rate-burst", "100000",

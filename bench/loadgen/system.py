@@ -48,12 +48,14 @@ def source_address(index: int, per_source: int) -> str:
     return str(_FIRST_SOURCE + index // per_source)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(avoid: int = 0) -> int:
+    """A TCP port free on 127.0.0.1 right now, other than ``avoid`` (picked, not bound yet)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port != avoid:
+            return port
 
 
 def mint_token(secret: str, user: str, ttl: float = 3600.0) -> str:
