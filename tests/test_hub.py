@@ -380,6 +380,20 @@ def test_a_new_epoch_restarts_every_member_from_its_first_seq() -> None:
     assert kinds(hub.receive(ROOM, payload(4))) == ["Flush", "Delivered"]
 
 
+def test_a_new_epoch_releases_a_member_whose_replay_it_ended() -> None:
+    """A member held for a replay of the old epoch is released by the restart: its replay
+    stops there, and the new epoch's messages from seq 1 reach it like every member."""
+    hub = live_hub(cursor=8)
+    bob = User("bob")
+    hub.hold(ROOM, bob)
+    hub.resubscribed(ROOM)
+    effects = hub.resynced(ROOM, 2, "e2")
+    assert h.Restart(ROOM, (bob,), 2, "e2") in effects
+    assert not hub.holding(ROOM, bob)
+    written = writes(hub, hub.filled(ROOM, [(1, frame(1)), (2, frame(2))]))
+    assert [f["seq"] for f in written[bob]] == [1, 2]
+
+
 def test_a_new_epoch_with_nothing_in_it_goes_live() -> None:
     hub = live_hub(cursor=8)
     hub.resubscribed(ROOM)

@@ -201,16 +201,21 @@ class LocalRooms:
                     conn.send(frame)
                     position = seq
                 conn.reached(name, position)
-                room = self.hub.rooms.get(name)
-                if room is None or conn not in room.members or room.epoch != start.epoch:
-                    return  # left, or history was lost (its members were told, `Restart`)
-                if position >= room.cursor:
+                if not self._replaying(conn, name, start.epoch):
+                    return
+                if position >= self.hub.rooms[name].cursor:
                     break
                 await conn.drained(self._replay_window)
-                if conn.closing or conn.transport.is_closing():
+                if (
+                    conn.closing
+                    or conn.transport.is_closing()
+                    or not self._replaying(conn, name, start.epoch)
+                ):
                     return
                 target = self.hub.rooms[name].cursor
                 page = await self._log.history(name, position, target, self._replay_page)
+                if not self._replaying(conn, name, start.epoch):
+                    return  # never a page of the old epoch after the new one's `joined`
                 if not page:
                     self._replay_gap(conn, name, position + 1, target)
                     position = target
@@ -219,6 +224,12 @@ class LocalRooms:
             conn.close_soon(CloseCode.TRY_AGAIN, "replay interrupted")
             return
         self.release(name, conn)
+
+    def _replaying(self, conn: Connection, name: str, epoch: str) -> bool:
+        """Still `conn`'s replay of `epoch`: not left, and history not lost meanwhile (the
+        hub's `Restart` told the members and released them into the new epoch)."""
+        room = self.hub.rooms.get(name)
+        return room is not None and room.epoch == epoch and self.hub.holding(name, conn)
 
     def _replay_gap(self, conn: Connection, name: str, first: int, last: int) -> None:
         metrics.GAPS_REPORTED.labels(self._worker).inc()

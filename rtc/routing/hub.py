@@ -282,6 +282,8 @@ class Hub(Generic[M]):
             # in this epoch, from its first seq. What it holds already was acked to its
             # publishers, so skipping to `seq` would lose it silently.
             self._flush_into(room, effects)
+            for member in list(room.held):  # their replays of the old epoch end here
+                effects.extend(self.release(name, member))
             room.epoch, room.cursor = epoch, 0
             room.known = seq  # the backlog holds only records from after the resubscribe
             effects.append(Restart(name, tuple(room.members), seq, epoch))
