@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.client import ResilientPublisher, ResumingClient
-from tests.rtcproc import Host, RedisServer, hosts, ring_view, start_host, wait_for
+from tests.rtcproc import Host, RedisServer, hosts, ring_view, settle_ring, start_host, wait_for
 from tests.test_lifecycle import FAST, assert_complete
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,6 +110,8 @@ def test_hung_worker_is_killed_and_replaced(redis_server: RedisServer) -> None:
     """A worker whose loop stops (SIGSTOP) is SIGKILLed after --worker-timeout and its
     slot is served by a replacement that takes it back in the ring."""
     with hosts(("hung", redis_server.url), env={"RTC_WORKER_TIMEOUT": "3"}) as (host,):
+        # /health answers 200 once one worker serves; the other may still be joining.
+        settle_ring([host])
         victim, survivor = host.worker_pids()
         slots = ring_view(host)
         assert slots == ["hung:0", "hung:1"]
