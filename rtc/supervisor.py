@@ -306,8 +306,11 @@ class Supervisor:
                         message = f"{message} (pid {child.pid}{why})"
                     log.log(level, "%s", message)
                 case Exit(status, failed):
-                    if failed is not None:  # the first boot failed: one clear line
-                        child = self._children[failed]
+                    failed_child = self._children.get(failed) if failed is not None else None
+                    if failed is not None and failed_child is None:
+                        failed_child = self._exited  # reaped just now: out of the table
+                    if failed_child is not None:  # the first boot failed: one clear line
+                        child = failed_child
                         reason = child.failure or f"worker {child.slot} failed to start (exit {child.code})"
                         print(f"rtc: {reason}", file=sys.stderr, flush=True)
                     self._exit = status
