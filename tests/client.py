@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 
 from tests.rtcproc import token as make_token
+from tests.rtcproc import until
 
 
 class Client:
@@ -155,6 +156,10 @@ class ResumingClient:
     def delivered(self, room: str) -> set[int]:
         return set(self.seqs[room])
 
+    def last(self, room: str) -> int:
+        """The highest seq of `room` delivered so far (0 before the first)."""
+        return self.seqs[room][-1] if self.seqs[room] else 0
+
     async def _run(self) -> None:
         while not self._stop.is_set():
             url = self.urls[self._url_index % len(self.urls)]
@@ -170,7 +175,7 @@ class ResumingClient:
             self.session = client.welcome["session"]
             if not client.welcome["resumed"]:
                 for room in self.rooms:
-                    last = self.seqs[room][-1] if self.seqs[room] else None
+                    last = self.last(room)
                     await client.send(type="join", room=room, **({"since": last} if last else {}))
             await self._consume(client)
             await client.close()
@@ -247,7 +252,12 @@ class ResilientPublisher:
         assert self._task is not None
         await asyncio.wait_for(self._task, timeout)
         assert not self._pending, f"never acked: {sorted(self._pending)[:10]}"
-        return max(self.acked.values())
+        return self.last_seq
+
+    @property
+    def last_seq(self) -> int:
+        """The highest seq acked so far (0 before the first ack)."""
+        return max(self.acked.values(), default=0)
 
     async def _run(self) -> None:
         while True:
@@ -256,7 +266,7 @@ class ResilientPublisher:
                 client = await Client.connect(url, self.user, session=self._session)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 self._url_index += 1
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the host refused: try again, as a client library would
                 continue
             if self._session is not None:
                 self.reconnects += 1
@@ -291,7 +301,7 @@ class ResilientPublisher:
                 if time.monotonic() - sent > 3.0:  # `unavailable` or lost: retry, same id
                     self._pending[value] = time.monotonic()
                     await client.send(type="publish", room=self.room, data=value, id=value)
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval)  # the publishing pace, not a wait
         while not client.frames.empty():
             self._on_frame(client.frames.get_nowait())
         return False
@@ -304,3 +314,51 @@ class ResilientPublisher:
             assert previous == frame["seq"], f"value {value} sequenced twice"
         elif frame["type"] == "error":
             self.errors.append(frame)
+
+
+FLOW = 20  # messages every member must receive to show that traffic flows (before, after a change)
+
+
+async def all_reached(members: list[ResumingClient], room: str, seq: int, timeout: float = 20.0) -> None:
+    """Until every member has delivered `room` up to `seq`: traffic has flowed to all of them.
+
+    After a drain, a roll or a kill this is the event that says everyone is back; waiting
+    for `publisher.last_seq + n` says that n more messages reached every member.
+    """
+
+    def behind() -> str:
+        lagging = {m.user: m.last(room) for m in members if m.last(room) < seq}
+        return f"every member of {room} at seq {seq} (behind, at their last seq: {lagging})"
+
+    await until(lambda: all(m.last(room) >= seq for m in members), timeout, behind)
+
+
+async def start_traffic(members: list[ResumingClient], publisher: ResilientPublisher) -> None:
+    """Members joined and the publisher's messages reaching all of them: ready for a disruption."""
+    await asyncio.gather(*(m.start() for m in members))
+    await publisher.start()
+    await all_reached(members, publisher.room, FLOW)
+
+
+async def stop_traffic(members: list[ResumingClient], publisher: ResilientPublisher) -> int:
+    """Once traffic reaches every member again (after the disruption), stop the publisher,
+    then each member once it has the last seq; returns that seq."""
+    await all_reached(members, publisher.room, publisher.last_seq + FLOW)
+    last = await publisher.stop()
+    await all_reached(members, publisher.room, last)
+    for member in members:
+        await member.stop()
+    return last
+
+
+def assert_complete(members: list[ResumingClient], room: str, last: int) -> None:
+    """Every member delivered every seq up to `last`, and no gap was reported."""
+    for member in members:
+        missing = set(range(1, last + 1)) - member.delivered(room)
+        assert not missing, (
+            f"{member.user} missed {sorted(missing)[:10]} (gaps: {member.gaps}; joined: {member.joins}; "
+            f"errors: {member.errors}; closes: {member.close_codes})"
+        )
+        assert not member.gaps, f"{member.user} got gaps {member.gaps}"
+    resumed = sum(m.reconnects for m in members)
+    print(f"\n{room}: {last} published, 0 lost, for {len(members)} members ({resumed} resumes)")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import inspect
 import os
 import resource
 import shutil
@@ -14,9 +16,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jwt
 
@@ -56,7 +59,15 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> int:
     return process.returncode
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+Description = str | Callable[[], str]
+
+
+def _timed_out(timeout: float, what: Description) -> TimeoutError:
+    """What never happened; a callable `what` is read now, to show the state still wrong."""
+    return TimeoutError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
+
+
+def wait_for(predicate, timeout: float, what: Description, interval: float = 0.05):  # type: ignore[no-untyped-def]
     """Poll an external process's state (no event to await across processes)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,7 +75,25 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # t
         if value:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    raise _timed_out(timeout, what)
+
+
+async def until(
+    predicate: Callable[[], object], timeout: float, what: Description, interval: float = 0.05
+) -> Any:
+    """`wait_for` on the event loop: the clients' readers keep reading while it polls.
+
+    The predicate may return an awaitable (a Redis read), awaited before it is judged.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise _timed_out(timeout, what)
 
 
 @dataclass

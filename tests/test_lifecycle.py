@@ -11,24 +11,21 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.client import Client, ResilientPublisher, ResumingClient
-from tests.rtcproc import Host, hosts, start_redis, token, wait_for
+from tests.client import (
+    FLOW,
+    Client,
+    ResilientPublisher,
+    ResumingClient,
+    all_reached,
+    assert_complete,
+    start_traffic,
+    stop_traffic,
+)
+from tests.rtcproc import Host, RedisServer, hosts, start_redis, token, until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 FAST = ("--rate", "1000", "--rate-burst", "1000")
-
-
-def assert_complete(members: list[ResumingClient], room: str, last: int) -> None:
-    for member in members:
-        missing = set(range(1, last + 1)) - member.delivered(room)
-        assert not missing, (
-            f"{member.user} missed {sorted(missing)[:10]} (gaps: {member.gaps}; joined: {member.joins}; "
-            f"errors: {member.errors}; closes: {member.close_codes})"
-        )
-        assert not member.gaps
-    resumed = sum(m.reconnects for m in members)
-    print(f"\n{room}: {last} published, 0 lost, for {len(members)} members ({resumed} resumes)")
 
 
 # -- history and resume ---------------------------------------------------------------------------
@@ -149,10 +146,8 @@ async def test_drain_migrates_everyone_without_loss() -> None:
     try:
         with hosts(("drain-a", redis.url), ("drain-b", redis.url), args=FAST) as (a, b):
             members = [ResumingClient([a.ws, b.ws], f"m{i}", ["news"]) for i in range(20)]
-            await asyncio.gather(*(m.start() for m in members))
             publisher = ResilientPublisher([b.ws], "news")
-            await publisher.start()
-            await asyncio.sleep(0.5)
+            await start_traffic(members, publisher)
 
             assert [m.welcomes[-1]["node"] for m in members] == ["drain-a"] * 20
             assert json.loads(a.get("/metrics")[1])["active_connections"] == 20
@@ -167,11 +162,7 @@ async def test_drain_migrates_everyone_without_loss() -> None:
             report = await asyncio.to_thread(wait_for, lambda: _drain_done(a), 20, "drain report")
             assert report["migrated"] == 20 and report["failed"] == 0
             assert json.loads(a.get("/metrics")[1])["active_connections"] == 0
-            await asyncio.sleep(0.5)
-            last = await publisher.stop()
-            await asyncio.sleep(0.3)
-            for member in members:
-                await member.stop()
+            last = await stop_traffic(members, publisher)  # publishing went on after the move
             assert all(m.migrations == 1 and 1001 in m.close_codes for m in members)
             assert all(m.welcomes[-1]["node"] == "drain-b" and m.welcomes[-1]["resumed"] for m in members)
             assert not publisher.errors and publisher.reconnects == 0
@@ -197,16 +188,15 @@ async def test_sighup_rolls_workers_without_refusing_a_connection() -> None:
         with hosts(("roll", redis.url), args=FAST) as (host,):
             before = host.worker_pids()
             members = [ResumingClient([host.ws], f"r{i}", ["roll-room"]) for i in range(10)]
-            await asyncio.gather(*(m.start() for m in members))
             publisher = ResilientPublisher([host.ws], "roll-room", interval=0.02)
-            await publisher.start()
+            await start_traffic(members, publisher)
 
-            attempts = failures = 0
+            attempts = failures = welcomed = 0
             why: list[str] = []
             stop = asyncio.Event()
 
             async def connect_forever() -> None:
-                nonlocal attempts, failures
+                nonlocal attempts, failures, welcomed
                 async with aiohttp.ClientSession() as http:
                     while not stop.is_set():
                         attempts += 1
@@ -216,12 +206,14 @@ async def test_sighup_rolls_workers_without_refusing_a_connection() -> None:
                                 if first.type is not aiohttp.WSMsgType.TEXT or '"welcome"' not in first.data:
                                     failures += 1
                                     why.append(f"first frame {first.type.name}: {first.data!r:.80}")
+                                else:
+                                    welcomed += 1
                         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                             failures += 1
                             why.append(repr(exc))
 
             probes = [asyncio.create_task(connect_forever()) for _ in range(3)]
-            await asyncio.sleep(0.3)
+            await until(lambda: welcomed >= 6, 10, lambda: f"probes welcomed before the roll ({welcomed}/6)")
             host.signal(signal.SIGHUP)
             await asyncio.to_thread(
                 wait_for,
@@ -233,13 +225,15 @@ async def test_sighup_rolls_workers_without_refusing_a_connection() -> None:
                 60,
                 "every worker replaced",
             )
-            await asyncio.sleep(0.5)
+            rolled_at = welcomed
+            await until(
+                lambda: welcomed >= rolled_at + 6,
+                10,
+                lambda: f"probes welcomed by the new workers ({welcomed - rolled_at} of 6)",
+            )
             stop.set()
             await asyncio.gather(*probes)
-            last = await publisher.stop()
-            await asyncio.sleep(0.3)
-            for member in members:
-                await member.stop()
+            last = await stop_traffic(members, publisher)
             assert attempts > 20 and failures == 0, f"{failures} of {attempts} attempts failed: {why}"
             assert_complete(members, "roll-room", last)
             assert sorted(publisher.acked.values()) == list(range(1, last + 1))
@@ -252,10 +246,8 @@ async def test_killed_worker_is_replaced_and_clients_resume_without_loss() -> No
     try:
         with hosts(("crash", redis.url), args=FAST) as (host,):
             members = [ResumingClient([host.ws], f"k{i}", ["crash-room"]) for i in range(16)]
-            await asyncio.gather(*(m.start() for m in members))
             publisher = ResilientPublisher([host.ws], "crash-room", interval=0.02)
-            await publisher.start()
-            await asyncio.sleep(0.5)
+            await start_traffic(members, publisher)
             victim = host.worker_pids()[0]
             psutil.Process(victim).kill()
             killed_at = time.monotonic()
@@ -267,11 +259,7 @@ async def test_killed_worker_is_replaced_and_clients_resume_without_loss() -> No
             )
             replaced_in = time.monotonic() - killed_at
             await asyncio.to_thread(wait_for, host.healthy, 5, "host healthy")
-            await asyncio.sleep(1.5)
-            last = await publisher.stop()
-            await asyncio.sleep(0.5)
-            for member in members:
-                await member.stop()
+            last = await stop_traffic(members, publisher)  # the killed worker's members resumed first
             assert replaced_in < 2.0
             assert any(m.reconnects for m in members), "no member was on the killed worker"
             assert_complete(members, "crash-room", last)
@@ -285,21 +273,23 @@ async def test_pubsub_connection_killed_by_redis_leaves_no_gap() -> None:
     try:
         with hosts(("pubsub", redis.url), args=FAST) as (host,):
             members = [ResumingClient([host.ws], f"p{i}", ["ps-room"]) for i in range(10)]
-            await asyncio.gather(*(m.start() for m in members))
             publisher = ResilientPublisher([host.ws], "ps-room", interval=0.005)
-            await publisher.start()
-            await asyncio.sleep(0.3)
+            await start_traffic(members, publisher)
             for _ in range(3):
                 killed = redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
                 assert int(killed) >= 2
-                await asyncio.sleep(0.4)
-            last = await publisher.stop()
-            await asyncio.sleep(1.0)
-            for member in members:
-                await member.stop()
+                await until(lambda: _both_subscribed(redis), 10, "both workers' pub/sub connections back")
+                await all_reached(members, "ps-room", publisher.last_seq + FLOW)
+            last = await stop_traffic(members, publisher)
             assert all(m.reconnects == 0 for m in members), "sockets should not notice"
             assert_complete(members, "ps-room", last)
             _, text = host.get("/metrics", {"Accept": "text/plain"})
             assert b"rtc_pubsub_reconnects_total" in text
     finally:
         redis.stop()
+
+
+async def _both_subscribed(redis: RedisServer) -> bool:
+    """Whether redis-server has a pub/sub connection from each of the two workers."""
+    listed = await asyncio.to_thread(redis.cli, "CLIENT", "LIST", "TYPE", "pubsub")
+    return len(listed.splitlines()) >= 2

@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.client import Client, ResilientPublisher, ResumingClient
+from tests.client import FLOW, Client, ResilientPublisher, ResumingClient, all_reached, assert_complete
 from tests.proxies import (
     TEST_TIMEOUTS,
     RunningProxy,
@@ -43,7 +43,7 @@ from tests.proxies import (
     run_haproxy,
     run_nginx,
 )
-from tests.rtcproc import Host, settle_ring, start_host, start_redis, token, wait_for
+from tests.rtcproc import Host, settle_ring, start_host, start_redis, token, until, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -128,26 +128,20 @@ def _ws(proxy: RunningProxy) -> str:
     return f"{proxy.ws_url}/ws"
 
 
-def _assert_complete(members: list[ResumingClient], room: str, last: int) -> None:
-    for member in members:
-        missing = set(range(1, last + 1)) - member.delivered(room)
-        assert not missing, f"{member.user} missed {sorted(missing)[:10]}"
-        assert not member.gaps, f"{member.user} got gaps {member.gaps}"
-
-
 async def _handshakes_logged(proxy: RunningProxy, count: int) -> str:
     """The proxy's log once ``count`` WebSocket handshakes are in it.
 
     NGINX logs an upgraded request when the tunnel ends, HAProxy when the
     handshake response has been relayed.
     """
-    deadline = time.monotonic() + 5
     pattern = re.compile(r"/ws\b")
-    while True:
+
+    def logged() -> str | None:
         log = proxy.log_text()
-        if len(pattern.findall(log)) >= count or time.monotonic() > deadline:
-            return log
-        await asyncio.sleep(0.1)
+        return log if len(pattern.findall(log)) >= count else None
+
+    log: str = await until(logged, 5, f"{count} WebSocket handshakes in the {proxy.kind} log", 0.1)
+    return log
 
 
 # --- 1. spread and cross-host delivery -----------------------------------------
@@ -204,7 +198,7 @@ async def test_drain_moves_clients_through_the_proxy_without_loss(
         assert sorted(first_nodes) == ["a"] * 5 + ["b"] * 5, first_nodes
         await publisher.start()
         publishing = True
-        await asyncio.sleep(0.5)
+        await all_reached(members, room, FLOW)
         acked_before_drain = len(publisher.acked)
         assert acked_before_drain > 0, "the publisher is publishing before the drain"
 
@@ -236,10 +230,10 @@ async def test_drain_moves_clients_through_the_proxy_without_loss(
         assert report["failed"] == 0, report
         assert report["migrated"] >= first_nodes.count("a"), report
         acked_at_drain_end = len(publisher.acked)
-        await asyncio.sleep(0.5)  # publishing goes on after everyone moved
+        await all_reached(members, room, publisher.last_seq + FLOW)  # publishing goes on after everyone moved
     finally:
         last = await publisher.stop() if publishing else 0
-        await asyncio.sleep(0.3)
+        await all_reached(members, room, last)
         for member in members:
             await member.stop()
         for client in late:
@@ -259,7 +253,7 @@ async def test_drain_moves_clients_through_the_proxy_without_loss(
     assert sorted(publisher.acked.values()) == list(range(1, last + 1))
     # Published throughout: before the drain, while clients moved, and after.
     assert 0 < acked_before_drain < acked_at_drain_end < last, (acked_before_drain, acked_at_drain_end, last)
-    _assert_complete(members, room, last)
+    assert_complete(members, room, last)
     assert not publisher.errors, publisher.errors
 
     if proxy.kind == "nginx":

@@ -48,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import rawws
 from tests.client import Client
 from tests.rawws import OP_CONT, OP_TEXT
-from tests.rtcproc import SECRET, Host, settle_ring, start_host, start_redis, wait_for
+from tests.rtcproc import SECRET, Host, settle_ring, start_host, start_redis, until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -256,17 +256,6 @@ def active(host: Host) -> int:
 
 def worker_connections(host: Host) -> dict[str, int]:
     return {labels["worker"]: int(value) for labels, value in prom(host).get("rtc_connections", [])}
-
-
-async def until(predicate: Callable[[], Any], seconds: float, what: str, interval: float = 0.05) -> Any:
-    """Poll without blocking the event loop (the clients' readers keep reading)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"timed out after {seconds}s waiting for {what}")
 
 
 # ============================================================================ a raw WebSocket client

@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.client import ResilientPublisher, ResumingClient
+from tests.client import ResilientPublisher, ResumingClient, assert_complete, start_traffic, stop_traffic
 from tests.rtcproc import Host, RedisServer, hosts, ring_view, settle_ring, start_host, wait_for
-from tests.test_lifecycle import FAST, assert_complete
+from tests.test_lifecycle import FAST
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,19 +145,13 @@ async def test_clients_of_a_hung_worker_resume_without_loss(redis_server: RedisS
     reconnect with their sessions, and every published message reaches every member."""
     with hosts(("hung-load", redis_server.url), args=FAST, env={"RTC_WORKER_TIMEOUT": "3"}) as (host,):
         members = [ResumingClient([host.ws], f"h{i}", ["hung-room"]) for i in range(16)]
-        await asyncio.gather(*(m.start() for m in members))
         publisher = ResilientPublisher([host.ws], "hung-room", interval=0.02)
-        await publisher.start()
-        await asyncio.sleep(0.5)
+        await start_traffic(members, publisher)
         victim = host.worker_pids()[0]
         psutil.Process(victim).suspend()
         await asyncio.to_thread(wait_for, lambda: not psutil.pid_exists(victim), 10, "the hung worker killed")
         await asyncio.to_thread(wait_for, lambda: replaced(host, [victim]), 10, "a replacement")
-        await asyncio.sleep(1.5)
-        last = await publisher.stop()
-        await asyncio.sleep(0.5)
-        for member in members:
-            await member.stop()
+        last = await stop_traffic(members, publisher)  # the hung worker's members resumed first
         assert any(m.reconnects for m in members), "no member was on the hung worker"
         assert_complete(members, "hung-room", last)
         assert sorted(publisher.acked.values()) == list(range(1, last + 1))
