@@ -6,13 +6,14 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import unquote_plus
 
 import orjson
 
 from rtc.config import Settings
 
-__all__ = ["describe", "redact", "setup_logging"]
+__all__ = ["Repeats", "describe", "redact", "setup_logging"]
 
 # A query parameter anywhere in a line: its key is compared once percent-decoded, as the
 # server decodes it (`?%74oken=` is `?token=` to aiohttp, so it must be to the log too).
@@ -28,6 +29,62 @@ def describe(exc: BaseException) -> str:
     """
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Repeats:
+    """The failures of one periodic task, logged as an outage rather than once per attempt.
+
+    A Redis that is down or full fails every heartbeat and checkpoint each second, on every
+    worker: one line per failure buries whatever else the log says. Logged instead: the
+    first failure, a failure with another reason, a reminder every `remind` seconds while
+    it lasts, and the recovery with the number of failures it took.
+    """
+
+    __slots__ = ("_clock", "_failures", "_log", "_reason", "_remind", "_reminded", "_since", "_what")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        remind: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._what = what
+        self._remind = remind
+        self._clock = clock
+        self._failures = 0
+        self._reason = ""
+        self._since = self._reminded = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        reason = describe(exc)
+        now = self._clock()
+        self._failures += 1
+        if self._failures == 1:
+            self._since = now
+        if reason != self._reason:
+            self._log.warning("%s failed: %s", self._what, reason)
+            self._reason, self._reminded = reason, now
+        elif now - self._reminded >= self._remind:
+            self._log.warning(
+                "%s still failing: %d failures in %.0f s: %s",
+                self._what,
+                self._failures,
+                now - self._since,
+                reason,
+            )
+            self._reminded = now
+
+    def succeeded(self) -> None:
+        if self._failures:
+            self._log.warning(
+                "%s recovered after %d failures in %.1f s",
+                self._what,
+                self._failures,
+                self._clock() - self._since,
+            )
+            self._failures, self._reason = 0, ""
 
 
 def _param(match: re.Match[str]) -> str:

@@ -23,7 +23,7 @@ from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import CloseCode, ErrorCode, ProtocolError
 from rtc.hashring import Ring
-from rtc.log import describe
+from rtc.log import Repeats
 from rtc.protocol import Direct, Join, Publish, RequestId, direct_halves, encode, inbox, message_halves
 from rtc.routing.channels import Channels, Listener
 from rtc.routing.delivery import LocalRooms
@@ -145,15 +145,19 @@ class Node:
         lapse and leave every ring view.
         """
         self._tasks.spawn(self._rooms_forever())
+        failures = Repeats(log, "ring heartbeat")
         while True:
             await asyncio.sleep(MAINTAIN_EVERY)
             try:
                 await self.membership.heartbeat()  # bounded by HEARTBEAT_TIMEOUT
             except Exception as exc:  # Redis failed or stalled: the next tick tries again
-                log.warning("ring heartbeat failed: %s", describe(exc))
+                failures.failed(exc)
+            else:
+                failures.succeeded()
 
     async def _rooms_forever(self) -> None:
         tick = 0
+        failures = Repeats(log, "room maintenance")
         while True:
             await asyncio.sleep(MAINTAIN_EVERY)
             tick += 1
@@ -163,7 +167,9 @@ class Node:
                     if tick % REFRESH_EVERY == 0:
                         await self.presence.refresh(self.rooms.member_rooms())
             except Exception as exc:  # Redis failed or stalled: the next tick tries again
-                log.warning("room maintenance failed: %s", describe(exc))
+                failures.failed(exc)
+            else:
+                failures.succeeded()
 
     async def checkpoint_forever(self) -> None:
         await self.sessions.checkpoint_forever(lambda: self.connections)

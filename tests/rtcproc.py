@@ -320,6 +320,18 @@ def hosts(*specs: tuple[str, str | None], **kwargs: object) -> Iterator[list[Hos
             shutil.rmtree(server.runtime_dir, ignore_errors=True)
 
 
+def counter(host: Host, name: str, **labels: str) -> float:
+    """One sample of the host's Prometheus aggregate (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, text = host.get("/metrics", {"Accept": "text/plain"})
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
 def ring_view(host: Host) -> list[str]:
     return list(json.loads(host.get("/admin/ring")[1])["slots"])
 

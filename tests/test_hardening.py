@@ -21,7 +21,6 @@ import jwt
 import orjson
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rtc.app import DEMO_ROOMS, DEMO_TOKEN_TTL, FD_RESERVE
 from tests.client import Client
@@ -30,6 +29,7 @@ from tests.rtcproc import (
     RTC,
     SECRET,
     Host,
+    counter,
     free_ports,
     start_host,
     start_redis,
@@ -70,16 +70,6 @@ def http(
     except urllib.error.HTTPError as exc:
         with exc:
             return int(exc.code), exc.read()
-
-
-def counter(host: Host, name: str, **labels: str) -> float:
-    """One sample of the host's Prometheus aggregate (0 when absent)."""
-    _, text = host.get("/metrics", {"Accept": "text/plain"})
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 def mint_demo(host: Host, user: str) -> tuple[int, bytes]:

@@ -11,7 +11,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from rtc.config import Settings
-from rtc.log import describe, redact, setup_logging
+from rtc.log import Repeats, describe, redact, setup_logging
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl-_x"
 
@@ -106,3 +106,27 @@ def test_describe_names_the_cause_even_when_the_exception_has_no_text() -> None:
     """A failed Redis call is logged with a reason ops can act on, never an empty one."""
     assert describe(TimeoutError()) == "TimeoutError"
     assert describe(RedisConnectionError("Error 111 connecting")) == "ConnectionError: Error 111 connecting"
+
+
+def test_repeated_failures_are_logged_once_then_reminded_then_recovered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outage fails a periodic task each second: its log stays a handful of lines."""
+    now = [0.0]
+    failures = Repeats(logging.getLogger("rtc.test"), "ring heartbeat", remind=60, clock=lambda: now[0])
+    full = RedisConnectionError("OOM command not allowed")
+    with caplog.at_level(logging.INFO, "rtc.test"):
+        for _ in range(90):  # 90 s of failures, one a second
+            failures.failed(full)
+            now[0] += 1
+        failures.failed(TimeoutError())  # another reason is news
+        failures.succeeded()
+        failures.succeeded()  # nothing to recover from
+        failures.failed(full)  # a new outage starts a new count
+    assert [r.getMessage() for r in caplog.records] == [
+        "ring heartbeat failed: ConnectionError: OOM command not allowed",
+        "ring heartbeat still failing: 61 failures in 60 s: ConnectionError: OOM command not allowed",
+        "ring heartbeat failed: TimeoutError",
+        "ring heartbeat recovered after 91 failures in 90.0 s",
+        "ring heartbeat failed: ConnectionError: OOM command not allowed",
+    ]

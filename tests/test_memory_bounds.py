@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -25,7 +26,7 @@ import pytest
 
 from rtc.routing.presence import MEMBERSHIP_TTL
 from tests.client import Client
-from tests.rtcproc import Host, start_host, token, wait_for
+from tests.rtcproc import Host, counter, start_host, token, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -163,6 +164,30 @@ async def test_full_embedded_redis_refuses_writes_with_unavailable() -> None:
             assert (await reply_to(client, "after"))["type"] == "ack"
         finally:
             await client.close()
+
+
+def test_a_full_redis_is_logged_as_one_outage_not_a_line_a_second() -> None:
+    """Every heartbeat fails while Redis is full: one warning, then one line when it recovers."""
+    with embedded("fullog", "--redis-maxmemory", "8m") as box:
+        errors = counter(box.host, "rtc_redis_errors_total", op="heartbeat")
+        # Redis checks maxmemory before a write: one short SETRANGE makes a 9 MiB string.
+        box.redis("SETRANGE", "filler", str(9 * MiB), "f")
+        wait_for(
+            lambda: counter(box.host, "rtc_redis_errors_total", op="heartbeat") >= errors + 5,
+            30,
+            "five failed heartbeats",
+        )
+        box.redis("DEL", "filler")
+        recovered = wait_for(
+            lambda: re.findall(r"ring heartbeat recovered after (\d+) failures", box.host.log()),
+            30,
+            "the recovery line",
+        )
+    log = box.host.log()
+    print(log)
+    assert log.count("ring heartbeat failed: OutOfMemoryError") == 1
+    assert "ring heartbeat still failing" not in log  # a reminder comes after a minute
+    assert int(recovered[0]) >= 5
 
 
 # ============================================================================ figures

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from rtc.broker.base import SessionStore
 from rtc.connection import Connection
-from rtc.log import describe
+from rtc.log import Repeats
 from rtc.protocol import inbox
 
 __all__ = ["CHECKPOINT_EVERY", "Rejoin", "Sessions"]
@@ -81,9 +81,12 @@ class Sessions:
         await self._store.save_sessions(self.changes(conns, final=final), self._ttl)
 
     async def checkpoint_forever(self, conns: Callable[[], Iterable[Connection]]) -> None:
+        failures = Repeats(log, "session checkpoint")
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY)
             try:
                 await self.save(conns())
             except Exception as exc:
-                log.warning("session checkpoint failed: %s", describe(exc))
+                failures.failed(exc)
+            else:
+                failures.succeeded()
