@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from tests.client import Client
-from tests.rtcproc import Host, RedisServer, hosts, settle_ring, start_redis
+from tests.rtcproc import Host, RedisServer, hosts, settle_ring, start_redis, until
 
 __all__ = [
     "FAULTS",
@@ -65,7 +65,7 @@ class RedisBox:
 async def _stop_for(box: RedisBox, seconds: float) -> None:
     os.kill(box.server.process.pid, signal.SIGSTOP)
     try:
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds)  # the fault's length, not a wait
     finally:
         os.kill(box.server.process.pid, signal.SIGCONT)
 
@@ -79,7 +79,7 @@ async def _kill_restart(box: RedisBox, down: float) -> None:
 
 async def _client_pause(box: RedisBox, seconds: float) -> None:
     await asyncio.to_thread(box.server.cli, "CLIENT", "PAUSE", str(int(seconds * 1000)), "ALL")
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # the fault's length, not a wait
 
 
 async def _debug_sleep(box: RedisBox, seconds: float) -> None:
@@ -180,7 +180,7 @@ class Publisher:
             try:
                 client = await Client.connect(self.url, self.user, session=self._session)
             except (aiohttp.ClientError, OSError, TimeoutError):
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the host refused: try again, as a client library would
                 continue
             try:
                 if self._session is not None:
@@ -210,7 +210,7 @@ class Publisher:
                     await self._send(client, self._next)
                 for value in self._due()[:RETRIES_PER_TICK]:
                     await self._send(client, value)
-                await asyncio.sleep(self.interval)
+                await asyncio.sleep(self.interval)  # the publishing pace, not a wait
             return False
         finally:
             reader.cancel()
@@ -296,7 +296,7 @@ class Subscriber:
             try:
                 client = await Client.connect(self.url, self.user, session=session)
             except (aiohttp.ClientError, OSError, TimeoutError):
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the host refused: try again, as a client library would
                 continue
             try:
                 if self._session is not None:
@@ -388,7 +388,7 @@ class Probe:
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     pass
                 self.samples.append((sent, time.monotonic() - sent, status))
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the sampling interval, not a wait
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -481,14 +481,17 @@ async def run_fault(
     box: RedisBox,
     fault: Fault,
     *,
-    warmup: float = 1.5,
+    warm: int = 5,
     after: float = 5.0,
     interval: float = 0.2,
     publishers: int = 4,
     subscribers: int = 4,
     settle: float = 25.0,
 ) -> Report:
-    """Run the ledger through `fault`; returns what it recorded."""
+    """Run the ledger through `fault`; returns what it recorded.
+
+    The fault comes once every publisher has `warm` publishes delivered to every subscriber;
+    publishing goes on for `after` seconds past it, the window the report measures."""
     tag = f"{time.monotonic_ns():x}"
     rooms = [f"fault-a-{tag}", f"fault-b-{tag}"]
     subs = [
@@ -508,15 +511,17 @@ async def run_fault(
     try:
         await asyncio.gather(*(s.started() for s in subs))
         pub_tasks = [asyncio.create_task(p.run(stop_pubs, lambda: give_up[0])) for p in pubs]
-        await asyncio.sleep(warmup)
+        await _flowing(subs, pubs, warm)
         fault_start = time.monotonic()
         await fault.inject(box)
         fault_end = time.monotonic()
-        await asyncio.sleep(after)
+        await asyncio.sleep(after)  # the measured window after the fault, not a wait
         stop_pubs.set()
         give_up[0] = time.monotonic() + settle
         await asyncio.gather(*pub_tasks)
-        await _until_delivered(subs, pubs, time.monotonic() + 10)
+        # What is still missing then is the report's `lost`, with examples: that is the failure.
+        with contextlib.suppress(TimeoutError):
+            await until(lambda: not any(_missing(s, pubs) for s in subs), 10, "every acked value delivered")
     finally:
         stop_pubs.set()
         give_up[0] = 0.0
@@ -525,12 +530,16 @@ async def run_fault(
     return _report(fault.name, pubs, subs, probes, fault_start, fault_end)
 
 
-async def _until_delivered(subs: Sequence[Subscriber], pubs: Sequence[Publisher], deadline: float) -> None:
-    """Wait until every subscriber has every acked value, or the deadline."""
-    while time.monotonic() < deadline:
-        if all(_missing(s, pubs) == [] for s in subs):
-            return
-        await asyncio.sleep(0.1)
+async def _flowing(subs: Sequence[Subscriber], pubs: Sequence[Publisher], count: int) -> None:
+    """Until every publisher has `count` publishes acked and every subscriber has those: the
+    ledger runs end to end (before the fault)."""
+    await until(lambda: all(len(p.acked) >= count for p in pubs), 15, f"{count} acks for every publisher")
+    acked = [(p, v) for p in pubs for v in p.acked]
+
+    def behind() -> list[str]:
+        return [s.user for s in subs if any((p.index, v) not in s.values(p.room) for p, v in acked)]
+
+    await until(lambda: not behind(), 15, lambda: f"{behind()} to receive the first acked values")
 
 
 def _missing(sub: Subscriber, pubs: Sequence[Publisher]) -> list[tuple[int, int]]:

@@ -17,14 +17,13 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tests.rtcproc import stop_process
+from tests.rtcproc import stop_process, wait_for
 
 __all__ = [
     "HAPROXY_CFG",
@@ -338,15 +337,14 @@ def _wait_listening(proc: subprocess.Popen[bytes], address: int | Path, errors: 
     family, target = (
         (socket.AF_INET, (LOOPBACK, address)) if isinstance(address, int) else (socket.AF_UNIX, str(address))
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def accepting() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited {proc.returncode}: {errors.read_text()}")
         with socket.socket(family, socket.SOCK_STREAM) as sock:
-            if sock.connect_ex(target) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} not listening on {address}: {errors.read_text()}")
+            return sock.connect_ex(target) == 0
+
+    wait_for(accepting, 10, lambda: f"{what} to listen on {address}: {errors.read_text()}")
 
 
 @contextmanager

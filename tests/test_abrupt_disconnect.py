@@ -80,7 +80,7 @@ async def churn_under_load(host: Host, publisher: Client, room: str) -> None:
             for _ in range(5):
                 n += 1
                 await publisher.send(type="publish", room=room, data=n)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the flood's pace, not a wait
 
     flooding = asyncio.create_task(flood())
     try:
@@ -89,7 +89,7 @@ async def churn_under_load(host: Host, publisher: Client, room: str) -> None:
                 asyncio.gather(*(vanishing_member(host, f"v{r}-{i}", room) for i in range(VICTIMS))),
                 10,
             )
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the churn's pace between rounds, not a wait
     except (TimeoutError, AssertionError) as exc:
         raise AssertionError(f"the host stopped serving joins ({exc!r}):\n{host.log()[-3000:]}") from None
     finally:

@@ -35,6 +35,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.rtcproc import wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 SPEC_TEMPLATE = REPO / "tests" / "autobahn" / "fuzzingclient.json"
 EXPECTED_FAILURES = REPO / "tests" / "autobahn" / "expected-failures.json"
@@ -177,20 +179,17 @@ def echo_url() -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 60
-        while _health(port) != 200:
+
+        def healthy() -> bool:
             if proc.poll() is not None:
                 pytest.fail(
                     f"rtc serve exited with {proc.returncode} before it was healthy:\n"
                     f"{' '.join(cmd)}\n{_tail(log_path)}",
                     pytrace=False,
                 )
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"rtc serve not healthy within 60 s:\n{_tail(log_path)}",
-                    pytrace=False,
-                )
-            time.sleep(0.2)
+            return _health(port) == 200
+
+        wait_for(healthy, 60, lambda: f"rtc serve to be healthy:\n{_tail(log_path)}", 0.2)
         yield f"ws://127.0.0.1:{port}/echo"
         if proc.poll() is not None:
             pytest.fail(

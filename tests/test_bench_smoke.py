@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.rtcproc import SECRET as RTC_SECRET
-from tests.rtcproc import RedisServer, hosts
+from tests.rtcproc import RedisServer, hosts, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -55,14 +54,16 @@ def bare() -> Iterator[tuple[str, int]]:
         [PYTHON, "-m", "bench.baselines.bare_aiohttp", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, f"bare exited {proc.returncode}"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    break
+                    return True
             except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "bare did not start"
-                time.sleep(0.1)
+                return False
+
+        wait_for(healthy, 20, "the bare baseline's /health", 0.1)
         yield f"ws://127.0.0.1:{port}", proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)

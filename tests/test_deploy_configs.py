@@ -47,6 +47,7 @@ from tests.proxies import (
     run_haproxy,
     run_nginx,
 )
+from tests.rtcproc import until
 from tests.systemd_unit import parse_environment_file, parse_unit, timespan_seconds
 from tests.ws_echo import EchoBackend, run_echo_backend
 
@@ -658,12 +659,8 @@ async def test_token_is_not_logged(proxy: RunningProxy, http: aiohttp.ClientSess
     secret = "eyJSECRET.TOKEN.VALUE"
     async with http.ws_connect(f"{proxy.ws_url}/ws?session=s1&token={secret}") as ws:
         await _welcome_node(ws)
-    deadline = time.monotonic() + 5
-    # Another process writes the log: there is no event to await.
-    while "/ws" not in proxy.log_text() and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.1)
-    log = proxy.log_text()
-    assert "/ws" in log, log
+    # Another process writes the log: the event is its line appearing there.
+    log = await until(lambda: "/ws" in (text := proxy.log_text()) and text, 5, "the /ws line in the log", 0.1)
     assert secret not in log
     if proxy.kind == "haproxy":
         assert "/ws?session=s1&token=REDACTED" in log
@@ -695,14 +692,10 @@ async def test_haproxy_health_check_takes_a_host_out(
 
 
 async def _wait_server_status(proxy: RunningProxy, server: str, want: str) -> None:
-    deadline = time.monotonic() + 10
-    status = ""
-    while time.monotonic() < deadline:
-        status = haproxy_server_status(proxy, "be_rtc_ws", server)
-        if status == want:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{server} stayed {status}, expected {want}")
+    def status() -> str:
+        return haproxy_server_status(proxy, "be_rtc_ws", server)
+
+    await until(lambda: status() == want, 10, lambda: f"{server} to be {want} (it is {status()})", 0.1)
 
 
 async def test_nginx_retries_a_refusing_host(

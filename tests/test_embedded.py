@@ -107,7 +107,7 @@ def test_a_dead_embedded_redis_is_restarted_and_rooms_start_a_new_epoch() -> Non
                         reply = await writer.next()
                     if reply["type"] == "ack":
                         break
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(0.2)  # the writer's retry pace, as a client's backoff
             assert reply["seq"] >= 1
             after = await member.expect("message", timeout=10, data="after")
             assert after["seq"] == reply["seq"]

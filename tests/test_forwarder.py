@@ -112,7 +112,9 @@ async def test_a_publish_whose_owner_changed_waits_for_the_one_ahead(world: Worl
     world.membership.ring = Ring([HERE])  # the owner is now this worker
     route("second")
     route("third")
-    await asyncio.sleep(0.2)  # long enough for the sequencer to have run, were it asked
+    # An observation window, not a wait: long enough for the sequencer to have run, were it
+    # asked; no event marks a reply that must not come.
+    await asyncio.sleep(0.2)
     assert not replies["second"].done() and not replies["third"].done()
 
     assert await answer(world, first) == 1

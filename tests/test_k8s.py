@@ -341,7 +341,7 @@ async def test_probes_and_pre_stop_as_written(live_host: Host) -> None:
                     _probe(live_host, CONTAINER["livenessProbe"]),
                 )
             )
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the probes' sampling interval while preStop runs, not a wait
         out, err = hook.communicate()
         assert hook.returncode == 0, err
         print(out)

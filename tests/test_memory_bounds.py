@@ -310,12 +310,11 @@ def room_keys(box: Embedded, *, meta: bool) -> list[str]:
 
 def await_rooms_closed(host: Host, timeout: float = 60) -> None:
     """Until the worker holds only the user's inbox (`rtc_rooms` is the per-worker gauge)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def closed() -> bool:
         _, text = host.get("/metrics", {"Accept": "text/plain"})
         lines = text.decode().splitlines()
         counts = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("rtc_rooms{")]
-        if counts and sum(counts) <= 1:
-            return
-        time.sleep(0.5)
-    raise TimeoutError("idle rooms were not closed")
+        return bool(counts) and sum(counts) <= 1
+
+    wait_for(closed, timeout, "idle rooms to be closed", 0.5)

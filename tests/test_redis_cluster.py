@@ -322,9 +322,15 @@ async def test_two_hosts_on_a_cluster_deliver_every_message_once_in_order(
                         assert [m["data"][1] for m in messages if m["data"][0] == user] == list(
                             range(per_client)
                         )
-            await asyncio.sleep(0.3)
-            assert all(len(c.messages(room)) == total for c in clients for room in rooms), "duplicates"
-            assert {int(inspector.hget(keys.room_meta(room), "seq")) for room in rooms} == {total}  # type: ignore[arg-type]
+            # One more message per room is the barrier: a duplicate of an earlier seq would be
+            # delivered before it (a room's frames go out in seq order).
+            for room in rooms:
+                await clients[0].request("publish", "ack", room=room, data=["barrier", 0])
+            for client in clients:
+                for room in rooms:
+                    await client.wait_messages(room, total + 1, timeout=15)
+            assert all(len(c.messages(room)) == total + 1 for c in clients for room in rooms), "duplicates"
+            assert {int(inspector.hget(keys.room_meta(room), "seq")) for room in rooms} == {total + 1}  # type: ignore[arg-type]
 
             await clients[0].send(type="direct", to="user1", data="east to west", id="d1")
             ack = await clients[0].expect("ack", id="d1")

@@ -36,20 +36,20 @@ def faulty() -> Iterator[tuple[list[Host], RedisBox]]:
 
 async def test_redis_stalled_past_the_ring_lease(faulty: tuple[list[Host], RedisBox]) -> None:
     """SIGSTOP for 6 s (longer than the 3 s lease): answers in time, no loss, no flap."""
-    report = await run_fault(*faulty, sigstop(6), warmup=1.0, after=4.0)
+    report = await run_fault(*faulty, sigstop(6), after=4.0)
     print(report)
     assert report.invariant_failures() == []
     assert report.unavailable > 0, "the stall must have refused some publishes"
 
 
 async def test_client_pause(faulty: tuple[list[Host], RedisBox]) -> None:
-    report = await run_fault(*faulty, client_pause(5), warmup=1.0, after=3.0)
+    report = await run_fault(*faulty, client_pause(5), after=3.0)
     print(report)
     assert report.invariant_failures() == []
 
 
 async def test_debug_sleep(faulty: tuple[list[Host], RedisBox]) -> None:
-    report = await run_fault(*faulty, debug_sleep(5), warmup=1.0, after=3.0)
+    report = await run_fault(*faulty, debug_sleep(5), after=3.0)
     print(report)
     assert report.invariant_failures() == []
 
@@ -59,7 +59,7 @@ async def test_restart_without_persistence_delivers_the_new_epoch(
 ) -> None:
     """Redis loses everything: members get the new epoch from its first seq, announced and counted."""
     cluster, box = faulty
-    report = await run_fault(cluster, box, KILL_NO_PERSISTENCE, warmup=1.0, after=4.0)
+    report = await run_fault(cluster, box, KILL_NO_PERSISTENCE, after=4.0)
     print(report)
     assert report.epoch_changes >= 1
     assert report.invariant_failures() == []

@@ -124,7 +124,7 @@ async def test_a_busy_socket_is_checkpointed_up_to_what_left_its_buffer(
             assert seen <= read + SLACK, f"checkpoint {seen} claims frames still in user space ({read} read)"
             if read + SLACK < COUNT:  # the server's buffer is surely not empty yet
                 while_busy.append(seen)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the slow reader under test, not a wait
     finally:
         slow.close()
     # Seconds of reading with a buffer that never emptied: the checkpoint must have moved.

@@ -82,6 +82,11 @@ def _probe(machine: Machine, *argv: str) -> subprocess.Popen[str]:
     )
 
 
+def _connects(machine: Machine) -> int:
+    """WebSocket connections the host opened since it started (all workers, live and dead)."""
+    return int(json.loads(machine.out("curl", "-s", "http://127.0.0.1:8081/metrics"))["total_connections"])
+
+
 def _report(process: subprocess.Popen[str]) -> dict[str, Any]:
     out, err = process.communicate(timeout=150)
     assert process.returncode == 0, err
@@ -184,7 +189,8 @@ def test_reload_rolls_the_workers_without_refusing_a_connection(machine: Machine
         ]
     )
     try:
-        time.sleep(1)  # a baseline of successful connects before the reload
+        baseline = _connects(machine)  # 20 successful connects before the reload
+        wait_for(lambda: _connects(machine) >= baseline + 20, 30, "20 connects before the reload", 0.2)
         machine.run("systemctl", "reload", "rtc")
         wait_for(
             lambda: not set(_workers(machine)) & set(before) and _ready(machine),
@@ -192,7 +198,8 @@ def test_reload_rolls_the_workers_without_refusing_a_connection(machine: Machine
             "both workers replaced",
             interval=0.1,
         )
-        time.sleep(1)  # and connects after it
+        rolled = _connects(machine)  # and 20 to the new workers
+        wait_for(lambda: _connects(machine) >= rolled + 20, 30, "20 connects after the reload", 0.2)
     finally:
         loop.send_signal(signal.SIGTERM)
         machine.run("touch", "/run/watch.stop")
