@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -106,6 +107,25 @@ class Client:
         """Until `count` messages of `room` have arrived (counting those already seen)."""
         return await self.wait_frames("message", count, timeout, room=room)
 
+    async def frames_until(self, stop: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
+        """Frames as they arrive, until the socket closes (what came before the close is
+        still yielded) or `stop` is set."""
+        stopping = asyncio.ensure_future(stop.wait())
+        closed = asyncio.ensure_future(self.closed.wait())
+        try:
+            while True:
+                getter = asyncio.ensure_future(self.frames.get())
+                done, _ = await asyncio.wait({getter, closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done and getter.cancel():
+                    break
+                yield getter.result()  # done, or done just as it was cancelled
+            if self.closed.is_set():
+                while not self.frames.empty():
+                    yield self.frames.get_nowait()
+        finally:
+            stopping.cancel()
+            closed.cancel()
+
     def messages(self, room: str) -> list[dict[str, Any]]:
         return [f for f in self.seen if f.get("type") == "message" and f.get("room") == room]
 
@@ -181,26 +201,12 @@ class ResumingClient:
             await client.close()
 
     async def _consume(self, client: Client) -> None:
-        stop = asyncio.create_task(self._stop.wait())
-        try:
-            while True:
-                getter = asyncio.create_task(client.frames.get())
-                closed = asyncio.create_task(client.closed.wait())
-                done, _ = await asyncio.wait({getter, closed, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    closed.cancel()
-                    if client.closed.is_set():
-                        while not client.frames.empty():
-                            self._on_frame(client.frames.get_nowait())
-                        self.close_codes.append(client.close_code)
-                        self._url_index += 1
-                    return
-                closed.cancel()
-                if self._on_frame(getter.result()):
-                    self._url_index += 1
-        finally:
-            stop.cancel()
+        async for frame in client.frames_until(self._stop):
+            if self._on_frame(frame) and not client.closed.is_set():
+                self._url_index += 1  # migrating: the next URL (a close moves on by itself)
+        if client.closed.is_set():
+            self.close_codes.append(client.close_code)
+            self._url_index += 1
 
     def _on_frame(self, frame: dict[str, Any]) -> bool:
         kind = frame["type"]

@@ -16,6 +16,14 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    """A Redis of the module's own: its tests fill it, or read back the keys they made."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def fresh_redis() -> Iterator[RedisServer]:
     """A Redis of the test's own, for tests that break or flush it."""

@@ -158,17 +158,37 @@ class Attempt:
     epoch: str | None = None
 
 
-class Publisher:
+class _Peer:
+    """What a ledger publisher and subscriber share: one user's connection, opened again
+    after every drop (resuming its session, if asked), each time counted."""
+
+    def __init__(self, url: str, user: str) -> None:
+        self.url, self.user = url, user
+        self.reconnects = 0
+        self._session: str | None = None
+
+    async def _connect(self, resume: bool = True) -> Client | None:
+        """A new connection; None once the host refused it and a client library's pause passed."""
+        try:
+            client = await Client.connect(self.url, self.user, session=self._session if resume else None)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            await asyncio.sleep(0.2)  # the host refused: try again, as a client library would
+            return None
+        if self._session is not None:
+            self.reconnects += 1
+        self._session = client.welcome["session"]
+        return client
+
+
+class Publisher(_Peer):
     """Publishes 1, 2, 3, ... to one room; retries what was refused with the same `id`."""
 
     def __init__(self, index: int, url: str, room: str, interval: float) -> None:
-        self.index, self.url, self.room, self.interval = index, url, room, interval
-        self.user = f"pub{index}"
+        super().__init__(url, f"pub{index}")
+        self.index, self.room, self.interval = index, room, interval
         self.attempts: dict[int, list[Attempt]] = {}
         self.acked: dict[int, Attempt] = {}
         self.unmatched: list[dict[str, Any]] = []  # errors without an `id`: no publish to pin them on
-        self.reconnects = 0
-        self._session: str | None = None
         self._next = 0
 
     def pending(self) -> list[int]:
@@ -177,15 +197,10 @@ class Publisher:
     async def run(self, stop: asyncio.Event, deadline: Callable[[], float]) -> None:
         """Publish until `stop`, then retry until everything is acked or `deadline()` passes."""
         while time.monotonic() < deadline():
-            try:
-                client = await Client.connect(self.url, self.user, session=self._session)
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                await asyncio.sleep(0.2)  # the host refused: try again, as a client library would
+            client = await self._connect()
+            if client is None:
                 continue
             try:
-                if self._session is not None:
-                    self.reconnects += 1
-                self._session = client.welcome["session"]
                 if not client.welcome["resumed"]:
                     await client.send(type="join", room=self.room)
                 await client.expect("joined", room=self.room, timeout=10)
@@ -257,7 +272,7 @@ class Delivery:
     value: tuple[int, int]
 
 
-class Subscriber:
+class Subscriber(_Peer):
     """Joins every room, records every frame and resumes after a drop.
 
     `session` mode reconnects with `?session=`; `since` mode opens a fresh connection and
@@ -266,8 +281,8 @@ class Subscriber:
     """
 
     def __init__(self, index: int, url: str, rooms: Sequence[str], mode: str) -> None:
-        self.index, self.url, self.rooms, self.mode = index, url, list(rooms), mode
-        self.user = f"sub{index}"
+        super().__init__(url, f"sub{index}")
+        self.index, self.rooms, self.mode = index, list(rooms), mode
         self.delivered: dict[str, dict[tuple[str, int], tuple[int, int]]] = {r: {} for r in rooms}
         self.repeats = 0  # a seq seen again: allowed after a resume, de-duplicated by seq
         self.conflicts = 0  # one (epoch, seq) with two different values
@@ -275,8 +290,6 @@ class Subscriber:
         self.gaps: list[dict[str, Any]] = []
         self.epochs: dict[str, list[str]] = {r: [] for r in rooms}
         self.unrecovered = 0  # `joined` with recovered:false after the first join
-        self.reconnects = 0
-        self._session: str | None = None
         self._last: dict[str, tuple[str, int]] = {}
         self._joined = asyncio.Event()
 
@@ -292,16 +305,10 @@ class Subscriber:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            session = self._session if self.mode == "session" else None
-            try:
-                client = await Client.connect(self.url, self.user, session=session)
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                await asyncio.sleep(0.2)  # the host refused: try again, as a client library would
+            client = await self._connect(resume=self.mode == "session")
+            if client is None:
                 continue
             try:
-                if self._session is not None:
-                    self.reconnects += 1
-                self._session = client.welcome["session"]
                 if not client.welcome["resumed"]:
                     for room in self.rooms:
                         epoch, seq = self._last.get(room, ("", 0))
@@ -317,37 +324,24 @@ class Subscriber:
         current: dict[str, str] = {}
         top: dict[str, int] = {}
         joined: set[str] = set()
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            while True:
-                getter = asyncio.ensure_future(client.frames.get())
-                closed = asyncio.ensure_future(client.closed.wait())
-                done, _ = await asyncio.wait({getter, closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    closed.cancel()
-                    return
-                closed.cancel()
-                frame = getter.result()
-                kind, room = frame["type"], frame.get("room")
-                if room not in self.delivered:
-                    continue
-                if kind == "joined":
-                    if room in joined or room in self._last:
-                        self.unrecovered += not frame["recovered"]
-                    joined.add(room)
-                    current[room] = frame["epoch"]
-                    top[room] = 0
-                    if not self.epochs[room] or self.epochs[room][-1] != frame["epoch"]:
-                        self.epochs[room].append(frame["epoch"])
-                    if joined == set(self.rooms):
-                        self._joined.set()
-                elif kind == "message" and room in current:
-                    self._record(room, current[room], frame, top)
-                elif kind == "gap":
-                    self.gaps.append(frame)
-        finally:
-            stopping.cancel()
+        async for frame in client.frames_until(stop):
+            kind, room = frame["type"], frame.get("room")
+            if room not in self.delivered:
+                continue
+            if kind == "joined":
+                if room in joined or room in self._last:
+                    self.unrecovered += not frame["recovered"]
+                joined.add(room)
+                current[room] = frame["epoch"]
+                top[room] = 0
+                if not self.epochs[room] or self.epochs[room][-1] != frame["epoch"]:
+                    self.epochs[room].append(frame["epoch"])
+                if joined == set(self.rooms):
+                    self._joined.set()
+            elif kind == "message" and room in current:
+                self._record(room, current[room], frame, top)
+            elif kind == "gap":
+                self.gaps.append(frame)
 
     def _record(self, room: str, epoch: str, frame: dict[str, Any], top: dict[str, int]) -> None:
         seq = frame["seq"]

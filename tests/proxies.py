@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tests.rtcproc import stop_process, wait_for
+from tests.rtcproc import free_port, stop_process, wait_for
 
 __all__ = [
     "HAPROXY_CFG",
@@ -35,7 +35,6 @@ __all__ = [
     "RunningProxy",
     "check_haproxy",
     "check_nginx",
-    "free_port",
     "haproxy_server_status",
     "render_haproxy",
     "render_nginx",
@@ -84,13 +83,6 @@ def require_program(name: str) -> str:
     if path is None:
         raise AssertionError(f"{name} is not installed (apt-get install -y {name})")
     return path
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def substitute(text: str, rules: Sequence[tuple[str, str]]) -> str:

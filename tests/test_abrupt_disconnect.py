@@ -9,14 +9,9 @@ goes on accepting connections, and nothing is logged as an error.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
-import struct
-
-import orjson
 
 from tests.client import Client
+from tests.rawstream import RawSocket
 from tests.rtcproc import Host, hosts, start_redis, token
 
 ROUNDS = 10
@@ -25,28 +20,11 @@ VICTIMS = 20
 
 async def vanishing_member(host: Host, user: str, room: str) -> None:
     """Open a raw WebSocket, join `room`, wait for `joined`, then reset the connection."""
-    reader, writer = await asyncio.open_connection(host.host, host.port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET /ws?token={token(user)} HTTP/1.1\r\nHost: {host.host}:{host.port}\r\n"
-        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
-    payload = orjson.dumps({"type": "join", "room": room})
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    assert len(payload) < 126
-    writer.write(struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked)
-    seen = b""
-    while b'"joined"' not in seen:
-        chunk = await reader.read(65536)
-        assert chunk, f"closed before joined: {seen!r}"
-        seen += chunk
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()  # RST: no close frame, no FIN
+    sock = await RawSocket.open(host.host, host.port, token=token(user))
+    await sock.expect("welcome")
+    await sock.send(type="join", room=room)
+    await sock.expect("joined")
+    sock.reset()  # RST: no close frame, no FIN
 
 
 async def scenario(host: Host) -> None:

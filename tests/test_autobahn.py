@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.rtcproc import wait_for
+from tests.rtcproc import free_ports, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_TEMPLATE = REPO / "tests" / "autobahn" / "fuzzingclient.json"
@@ -84,19 +83,6 @@ def group_counts(results: dict[str, dict]) -> dict[str, tuple[int, int]]:
     for case_id, r in results.items():
         counts[case_id.split(".")[0]][0 if _passed(r) else 1] += 1
     return {g: (p, f) for g, (p, f) in sorted(counts.items(), key=lambda kv: int(kv[0]))}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _health(port: int) -> int | None:
@@ -151,7 +137,7 @@ def echo_url() -> Iterator[str]:
         yield external
         return
 
-    port, metrics_port = _free_ports(2)
+    port, metrics_port = free_ports(2)
     # short path: the embedded redis-server's Unix socket lives in the runtime dir
     runtime_dir = Path(tempfile.mkdtemp(prefix="rtc-ab-"))
     log_path = runtime_dir / "rtc.log"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -21,19 +20,12 @@ from typing import Any
 import pytest
 
 from tests.rtcproc import SECRET as RTC_SECRET
-from tests.rtcproc import RedisServer, hosts, wait_for
+from tests.rtcproc import RedisServer, free_port, hosts, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 LOCUST = str(Path(sys.executable).with_name("locust"))
 SECRET = "bench-secret-for-loopback-load-tests"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -49,7 +41,7 @@ def _loadgen(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[s
 @pytest.fixture(scope="module")
 def bare() -> Iterator[tuple[str, int]]:
     """The bare-aiohttp baseline: (root URL, PID)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [PYTHON, "-m", "bench.baselines.bare_aiohttp", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO
     )
@@ -192,53 +184,40 @@ def test_compare_bare_and_socketio(tmp_path: Path) -> None:
     assert "churn: connect+close cycles/s" in run.stdout
 
 
-def _locust_stats(figures: Path) -> dict[str, dict[str, Any]]:
-    """Locust's figures at exit, by request name. Not its --csv files: those are snapshots
-    rewritten once a second and not at exit, so a loaded run's last second (or, for a short
-    run, its connects) can be missing from them."""
+def _locust(url: str, secret: str, users: int, rooms: int, tmp_path: Path, timeout: float) -> None:
+    """The locust user for 5 s, headless: every user connected, publishes and deliveries
+    counted, no failure. Its figures are read from --json-file, not its --csv files: those
+    are snapshots rewritten once a second and not at exit, so a loaded run's last second (or,
+    for a short run, its connects) can be missing from them."""
+    figures = tmp_path / "locust"
+    run = _run(
+        [
+            LOCUST, "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "-u", str(users),
+            "-r", str(users), "-t", "5s", "--rooms", str(rooms), "--host", url, "--jwt-secret", secret,
+            "--json-file", str(figures), "--only-summary",
+        ],
+        timeout=timeout,
+    )  # fmt: skip
     entries = json.loads(figures.with_name(figures.name + ".json").read_text())
-    return {entry["name"]: entry for entry in entries}
+    rows: dict[str, dict[str, Any]] = {entry["name"]: entry for entry in entries}
+    assert "connect" in rows, run.stderr[-3000:]
+    assert rows["connect"]["num_requests"] == users
+    assert rows["deliver"]["num_requests"] > 0
+    assert rows["publish"]["num_requests"] > 0
+    assert all(row["num_failures"] == 0 for row in rows.values()), rows
 
 
 @pytest.mark.timeout(60)
 def test_locustfile_against_bare(bare: tuple[str, int], tmp_path: Path) -> None:
     url, _pid = bare
-    figures = tmp_path / "locust"
-    run = _run(
-        [
-            LOCUST, "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "-u", "2",
-            "-r", "2", "-t", "5s", "--rooms", "1", "--host", url, "--jwt-secret", SECRET,
-            "--json-file", str(figures), "--only-summary",
-        ],
-        timeout=45,
-    )  # fmt: skip
-    rows = _locust_stats(figures)
-    assert "connect" in rows, run.stderr[-3000:]
-    assert rows["connect"]["num_requests"] == 2
-    assert rows["deliver"]["num_requests"] > 0
-    assert rows["publish"]["num_requests"] > 0
-    assert all(row["num_failures"] == 0 for row in rows.values()), rows
+    _locust(url, SECRET, users=2, rooms=1, tmp_path=tmp_path, timeout=45)
 
 
 @pytest.mark.timeout(90)
 def test_locustfile_against_rtc(tmp_path: Path) -> None:
     """The locust user speaks rtc: connects, publishes acked, deliveries in order."""
     with hosts(("a", None)) as (host,):
-        figures = tmp_path / "locust"
-        run = _run(
-            [
-                LOCUST, "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "-u", "4",
-                "-r", "4", "-t", "5s", "--rooms", "2", "--host", f"ws://127.0.0.1:{host.port}",
-                "--jwt-secret", RTC_SECRET, "--json-file", str(figures), "--only-summary",
-            ],
-            timeout=60,
-        )  # fmt: skip
-    rows = _locust_stats(figures)
-    assert "connect" in rows, run.stderr[-3000:]
-    assert rows["connect"]["num_requests"] == 4
-    assert rows["publish"]["num_requests"] > 0
-    assert rows["deliver"]["num_requests"] > 0
-    assert all(row["num_failures"] == 0 for row in rows.values()), rows
+        _locust(f"ws://127.0.0.1:{host.port}", RTC_SECRET, users=4, rooms=2, tmp_path=tmp_path, timeout=60)
 
 
 @pytest.mark.timeout(90)

@@ -39,7 +39,6 @@ from tests.proxies import (
     RunningProxy,
     check_haproxy,
     check_nginx,
-    free_port,
     haproxy_server_status,
     render_haproxy,
     render_nginx,
@@ -47,7 +46,7 @@ from tests.proxies import (
     run_haproxy,
     run_nginx,
 )
-from tests.rtcproc import until
+from tests.rtcproc import free_port, until
 from tests.systemd_unit import parse_environment_file, parse_unit, timespan_seconds
 from tests.ws_echo import EchoBackend, run_echo_backend
 

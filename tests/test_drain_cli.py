@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -16,14 +16,7 @@ import pytest
 from aiohttp import web
 
 from tests.client import Client
-from tests.rtcproc import Host, RedisServer, hosts, start_redis, token
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    server = start_redis()
-    yield server
-    server.stop()
+from tests.rtcproc import Host, RedisServer, hosts, token
 
 
 async def _rtc(*argv: str) -> tuple[int, str, str]:

@@ -8,6 +8,7 @@ command lines). The resource-bound figures under attack are in `test_memory_boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import stat
@@ -29,8 +30,10 @@ from tests.rtcproc import (
     RTC,
     SECRET,
     Host,
+    RedisServer,
     counter,
     free_ports,
+    hosts,
     start_host,
     start_redis,
     stop_process,
@@ -382,14 +385,11 @@ def test_runtime_dir_held_by_a_live_host_is_refused() -> None:
 # ============================================================================ connection caps
 
 
-def test_max_connections_auto_answers_503_before_the_descriptor_limit() -> None:
+def test_max_connections_auto_answers_503_before_the_descriptor_limit(redis_server: RedisServer) -> None:
     """One worker whose hard descriptor limit is 400: auto caps it at 400 - reserve, then 503."""
     limit = 400
     capacity = limit - FD_RESERVE
-    redis = start_redis()
-    server = start_host("fds", redis.url, workers=1, nofile=limit)
-    sockets: list[RawWS] = []
-    try:
+    with hosts(("fds", redis_server.url), workers=1, nofile=limit) as (server,), closing_all() as sockets:
         full_before = counter(server, "rtc_handshake_rejected_total", reason="full")
         statuses: list[int] = []
         for _ in range(capacity + 60):
@@ -404,19 +404,11 @@ def test_max_connections_auto_answers_503_before_the_descriptor_limit() -> None:
         wait_for(lambda: admitted(server, token=token("fd")), 5, "a free place")
         assert server.healthy()
         assert "Too many open files" not in server.log()
-    finally:
-        for raw in sockets:
-            raw.close()
-        server.stop()
-        shutil.rmtree(server.runtime_dir, ignore_errors=True)
-        redis.stop()
 
 
-def test_connect_rate_per_address_is_host_wide_and_gets_429() -> None:
-    redis = start_redis()
-    server = start_host("rate", redis.url, workers=2, args=("--connect-rate", "1", "--connect-burst", "5"))
-    opened: list[RawWS] = []
-    try:
+def test_connect_rate_per_address_is_host_wide_and_gets_429(redis_server: RedisServer) -> None:
+    args = ("--connect-rate", "1", "--connect-burst", "5")
+    with hosts(("rate", redis_server.url), workers=2, args=args) as (server,), closing_all() as opened:
         statuses = []
         for _ in range(10):
             raw = refused_or_open(server, token=token("storm"))
@@ -433,12 +425,17 @@ def test_connect_rate_per_address_is_host_wide_and_gets_429() -> None:
         assert other.status == 101, "another address has its own bucket"
         opened.append(other)
         wait_for(lambda: admitted(server, token=token("storm")), 5, "a refill")
+
+
+@contextlib.contextmanager
+def closing_all() -> Iterator[list[RawWS]]:
+    """A list for the test's raw sockets, each closed at the end whatever happened."""
+    sockets: list[RawWS] = []
+    try:
+        yield sockets
     finally:
-        for raw in opened:
+        for raw in sockets:
             raw.close()
-        server.stop()
-        shutil.rmtree(server.runtime_dir, ignore_errors=True)
-        redis.stop()
 
 
 def test_shipped_env_file_sets_the_per_address_limits() -> None:

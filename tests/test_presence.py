@@ -7,7 +7,8 @@ worker is SIGKILLed or whose host shuts down.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import psutil
 import pytest
@@ -41,22 +42,28 @@ def two_hosts() -> Iterator[tuple[RedisServer, Host, Host]]:
         redis.stop()
 
 
-async def watched(stay: Host, gone: Host, room: str) -> tuple[Client, Client]:
-    """Alice (on the staying host) sees Bob (on the other) join `room`."""
+@contextlib.asynccontextmanager
+async def watched(stay: Host, gone: Host, room: str) -> AsyncIterator[tuple[Client, Client]]:
+    """Alice (on the staying host) sees Bob (on the other) join `room`; both closed after."""
     alice = await Client.connect(stay.ws, "alice")
-    await alice.join(room)
-    bob = await Client.connect(gone.ws, "bob")
-    await bob.join(room)
-    await alice.expect("presence", user="bob", event="join")
-    return alice, bob
+    bob: Client | None = None
+    try:
+        await alice.join(room)
+        bob = await Client.connect(gone.ws, "bob")
+        await bob.join(room)
+        await alice.expect("presence", user="bob", event="join")
+        yield alice, bob
+    finally:
+        await alice.close()
+        if bob is not None:
+            await bob.close()
 
 
 async def test_a_killed_workers_users_leave_and_may_join_again(
     two_hosts: tuple[RedisServer, Host, Host],
 ) -> None:
     _, stay, gone = two_hosts
-    alice, bob = await watched(stay, gone, "crash-presence")
-    try:
+    async with watched(stay, gone, "crash-presence") as (alice, bob):
         (victim,) = gone.worker_pids()
         psutil.Process(victim).kill()
         await bob.closed.wait()
@@ -69,28 +76,17 @@ async def test_a_killed_workers_users_leave_and_may_join_again(
             await alice.expect("presence", user="bob", event="join")
         finally:
             await again.close()
-    finally:
-        await alice.close()
-        await bob.close()
 
 
 async def test_users_of_a_host_that_shut_down_leave(two_hosts: tuple[RedisServer, Host, Host]) -> None:
     _, stay, gone = two_hosts
-    alice, bob = await watched(stay, gone, "shutdown-presence")
-    try:
+    async with watched(stay, gone, "shutdown-presence") as (alice, _):
         await asyncio.to_thread(gone.stop)  # drains: bob is migrated and does not come back
         await alice.expect("presence", SHUTDOWN_LEAVE_WITHIN, user="bob", event="leave")
-    finally:
-        await alice.close()
-        await bob.close()
 
 
 async def test_presence_keys_expire_with_membership(two_hosts: tuple[RedisServer, Host, Host]) -> None:
     redis, stay, gone = two_hosts
-    alice, bob = await watched(stay, gone, "ttl-presence")
-    try:
+    async with watched(stay, gone, "ttl-presence"):
         for key in (keys.presence("ttl-presence"), keys.member_slots("ttl-presence")):
             assert 0 < int(redis.cli("TTL", key)) <= MEMBERSHIP_TTL, key
-    finally:
-        await alice.close()
-        await bob.close()

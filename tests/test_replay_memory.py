@@ -19,7 +19,7 @@ import pytest
 
 from tests.client import Client
 from tests.rawstream import RawSocket
-from tests.rtcproc import Host, RedisServer, hosts, start_redis, token
+from tests.rtcproc import Host, RedisServer, hosts, token
 
 ROOM = "heavy"
 MESSAGES = 1000  # the default --history-size: a full room
@@ -33,13 +33,6 @@ SLACK = 48 * MIB  # allocator and interpreter noise, and the 64 connections' own
 # Per joiner: its send queue, and the page being read (Redis's reply, then its frames).
 WORKER_BOUND = SOCKETS * (SEND_QUEUE + 2 * PAGE) + SLACK
 REDIS_BOUND = SOCKETS * PAGE + SLACK
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    server = start_redis()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

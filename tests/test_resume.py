@@ -18,17 +18,10 @@ import pytest
 
 from tests.client import Client
 from tests.rawstream import RawSocket
-from tests.rtcproc import Host, RedisServer, hosts, start_redis, token, until
+from tests.rtcproc import Host, RedisServer, hosts, token, until
 
 FILLER = "x"
 RCVBUF = 256 * 1024  # the clients' receive buffers: what is in flight to them stays small
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    server = start_redis()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +108,19 @@ async def checkpoint(redis: RedisServer, sid: str, room: str) -> int:
     return int(value.strip().split(":")[0] or 0)
 
 
+async def replaying(
+    opened: list[RawSocket], host: Host, user: str, room: str, count: int, size: int
+) -> tuple[RawSocket, str, dict[str, Any], int]:
+    """`count` messages of `size` bytes published, then `user` joins `room` since 0: its
+    socket (the replay not read yet), session, `joined` and the last seq."""
+    last = await publish(host, room, count, size)
+    sock, welcome = await connect(opened, host, user)
+    await sock.send(type="join", room=room, since=0)
+    answer = await joined(sock, room)
+    assert answer["recovered"] is True and answer["seq"] == last
+    return sock, welcome["session"], answer, last
+
+
 async def checkpointed(redis: RedisServer, sid: str, room: str, seq: int) -> bool:
     return await checkpoint(redis, sid, room) >= seq
 
@@ -151,12 +157,7 @@ async def test_replay_cut_short_resumes_from_client_positions(
     of 1000: the checkpoint did not pass its unwritten part, and the resume with positions
     replays 101..1000 once."""
     room = "cutshort"
-    last = await publish(host, room, 1000, 20_000)
-    sock, welcome = await connect(opened, host, "cutter")
-    sid = welcome["session"]
-    await sock.send(type="join", room=room, since=0)
-    answer = await joined(sock, room)
-    assert answer["recovered"] is True and answer["seq"] == last
+    sock, sid, answer, last = await replaying(opened, host, "cutter", room, 1000, 20_000)
     assert await read_room(sock, room, 100) == list(range(1, 101))
     # A periodic checkpoint claims what the client read while the replay is unfinished...
     await until(lambda: checkpointed(redis, sid, room, 100), 10, "a checkpoint of the 100 seqs read")
@@ -175,12 +176,7 @@ async def test_replay_larger_than_the_send_queue_finishes_for_a_reader(
 ) -> None:
     """90 x 60 KB (5 MB) replayed to a client with a 1 MiB send queue: paced, never closed 1013."""
     room = "oversized"
-    last = await publish(host, room, 100, 60_000)
-    sock, welcome = await connect(opened, host, "big")
-    sid = welcome["session"]
-    await sock.send(type="join", room=room, since=0)
-    answer = await joined(sock, room)
-    assert answer["recovered"] is True and answer["seq"] == last
+    sock, sid, answer, last = await replaying(opened, host, "big", room, 100, 60_000)
     assert await read_room(sock, room, last) == list(range(1, last + 1))
     await sock.close()
     assert sock.close_code == 1000

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
-import struct
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
 
 from rtc import keys
 from tests.client import Client
+from tests.rawstream import RawSocket
 from tests.rtcproc import Host, RedisServer, start_host, token
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,48 +41,10 @@ def checkpoint(redis: RedisServer, session: str, room: str) -> int:
     return int(value.partition(":")[0]) if value else -1
 
 
-class SlowReader:
-    """A raw WebSocket whose reading the test paces: nothing is read ahead behind its back."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, host: Host, user: str) -> SlowReader:
-        reader, writer = await asyncio.open_connection(host.host, host.port, limit=RECEIVE_BUFFER)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /ws?token={token(user)} HTTP/1.1\r\nHost: {host.host}:{host.port}\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
-
-    def send(self, **frame: object) -> None:
-        payload = orjson.dumps(frame)
-        assert len(payload) < 126
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.writer.write(struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked)
-
-    async def next(self) -> dict[str, Any]:
-        """The next text frame (the server's pings are skipped: the test is shorter)."""
-        while True:
-            opcode, size = await self.reader.readexactly(2)
-            if size == 126:
-                size = struct.unpack("!H", await self.reader.readexactly(2))[0]
-            elif size == 127:
-                size = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-            payload = await self.reader.readexactly(size)
-            if opcode == 0x81:
-                return dict(orjson.loads(payload))
-
-    def close(self) -> None:
-        self.writer.transport.abort()
+async def next_frame(sock: RawSocket) -> dict[str, Any]:
+    frame = await sock.recv()
+    assert frame is not None, f"closed {sock.close_code}"
+    return frame
 
 
 async def test_a_busy_socket_is_checkpointed_up_to_what_left_its_buffer(
@@ -94,11 +52,12 @@ async def test_a_busy_socket_is_checkpointed_up_to_what_left_its_buffer(
 ) -> None:
     redis, host = busy_host
     room = "busy-room"
-    slow = await SlowReader.connect(host, "slow")
+    # The test paces its reading: nothing is read ahead behind its back.
+    slow = await RawSocket.open(host.host, host.port, rcvbuf=RECEIVE_BUFFER, token=token("slow"))
     try:
-        session = (await slow.next())["session"]
-        slow.send(type="join", room=room)
-        assert (await slow.next())["seq"] == 0
+        session = (await slow.expect("welcome"))["session"]
+        await slow.send(type="join", room=room)
+        assert (await slow.expect("joined"))["seq"] == 0
 
         publisher = await Client.connect(host.ws, "publisher")
         try:
@@ -115,7 +74,7 @@ async def test_a_busy_socket_is_checkpointed_up_to_what_left_its_buffer(
         while_busy: list[int] = []
         while read < COUNT:
             for _ in range(5):  # about 100 frames (3 MB) a second
-                frame = await asyncio.wait_for(slow.next(), 10)
+                frame = await asyncio.wait_for(next_frame(slow), 10)
                 if frame["type"] == "message":
                     read = frame["seq"]
                 if read == COUNT:
@@ -126,7 +85,7 @@ async def test_a_busy_socket_is_checkpointed_up_to_what_left_its_buffer(
                 while_busy.append(seen)
             await asyncio.sleep(0.05)  # the slow reader under test, not a wait
     finally:
-        slow.close()
+        slow.abandon()
     # Seconds of reading with a buffer that never emptied: the checkpoint must have moved.
     assert max(while_busy) > while_busy[0], (
         f"the checkpoint stayed at {while_busy[0]} while the buffer was busy"

@@ -157,6 +157,12 @@ def retry_delay(attempt: int) -> float:
     return float(min(0.1 * 2 ** (attempt - 1), 4.0))
 
 
+def _next_attempt(room: Room[M]) -> float | None:
+    """Count a failed read of `room`: the delay before the next one, None after the last."""
+    room.attempts += 1
+    return retry_delay(room.attempts) if room.attempts < FILL_ATTEMPTS else None
+
+
 @dataclass(eq=False, slots=True)
 class Room(Generic[M]):
     """One room's delivery state on this worker."""
@@ -272,10 +278,10 @@ class Hub(Generic[M]):
         return [Resync(name, 0.0)]
 
     def resynced(self, name: str, seq: int, epoch: str) -> list[Effect[M]]:
-        room = self.rooms.get(name)
+        room = self._filling(name)
         effects: list[Effect[M]] = []
-        if room is None or room.phase is not Phase.FILLING:
-            return effects  # the room was closed (and maybe reopened) meanwhile
+        if room is None:
+            return effects
         room.attempts = 0
         if epoch != room.epoch:
             # History was lost (Redis restarted without persistence): members start over
@@ -295,23 +301,22 @@ class Hub(Generic[M]):
 
     def resync_failed(self, name: str) -> list[Effect[M]]:
         """Reading the room's seq failed: retry; after the last attempt, carry on live."""
-        room = self.rooms.get(name)
+        room = self._filling(name)
         effects: list[Effect[M]] = []
-        if room is None or room.phase is not Phase.FILLING:
-            return effects  # the room was closed (and maybe reopened) meanwhile
-        room.attempts += 1
-        if room.attempts < FILL_ATTEMPTS:
-            effects.append(Resync(name, retry_delay(room.attempts)))
+        if room is None:
+            return effects
+        if (delay := _next_attempt(room)) is not None:
+            effects.append(Resync(name, delay))
         else:
             self._go_live(room, effects)  # a later seq jump still fills the hole
         return effects
 
     def filled(self, name: str, entries: list[tuple[int, bytes]]) -> list[Effect[M]]:
         """History's frames for the outstanding fill: deliver them, announce what is gone."""
-        room = self.rooms.get(name)
+        room = self._filling(name)
         effects: list[Effect[M]] = []
-        if room is None or room.phase is not Phase.FILLING:
-            return effects  # the room was closed (and maybe reopened) meanwhile
+        if room is None:
+            return effects
         room.attempts = 0
         for seq, frame in entries:
             if seq <= room.cursor or seq > room.fill_upto:
@@ -326,16 +331,18 @@ class Hub(Generic[M]):
 
     def fill_failed(self, name: str) -> list[Effect[M]]:
         """The history read failed: retry with backoff; a gap only after the last attempt."""
+        room = self._filling(name)
+        if room is None:
+            return []
+        if (delay := _next_attempt(room)) is not None:
+            return [Fill(name, room.cursor, room.fill_upto, delay)]
+        return self.filled(name, [])
+
+    def _filling(self, name: str) -> Room[M] | None:
+        """The room a fill or resync answers for; None when it was closed (and maybe
+        reopened) meanwhile, so the answer is stale and changes nothing."""
         room = self.rooms.get(name)
-        effects: list[Effect[M]] = []
-        if room is None or room.phase is not Phase.FILLING:
-            return effects  # the room was closed (and maybe reopened) meanwhile
-        room.attempts += 1
-        if room.attempts < FILL_ATTEMPTS:
-            effects.append(Fill(name, room.cursor, room.fill_upto, retry_delay(room.attempts)))
-        else:
-            return self.filled(name, [])
-        return effects
+        return room if room is not None and room.phase is Phase.FILLING else None
 
     # -- writing ---------------------------------------------------------------------------------
 
