@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
 
 from rtc import keys
+from rtc.node import MAINTAIN_EVERY, REFRESH_EVERY
 from rtc.routing.presence import MEMBERSHIP_TTL, PRESENCE_LEAVE_DELAY
 from tests.client import Client
 from tests.rtcproc import Host, RedisServer, start_host, start_redis
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.timeout(90)
 # the room notices at its next refresh (every 5 s) and announces the leave.
 CRASH_LEAVE_WITHIN = MEMBERSHIP_TTL + 5 + 5
 SHUTDOWN_LEAVE_WITHIN = PRESENCE_LEAVE_DELAY + 5 + 5
+# Membership Redis lost is put back by each worker's next refresh (slack for a loaded machine).
+RESTATED_WITHIN = MAINTAIN_EVERY * REFRESH_EVERY + 5
 
 
 @pytest.fixture
@@ -91,6 +95,45 @@ async def test_presence_keys_expire_with_membership(two_hosts: tuple[RedisServer
     try:
         for key in (keys.presence("ttl-presence"), keys.member_slots("ttl-presence")):
             assert 0 < int(redis.cli("TTL", key)) <= MEMBERSHIP_TTL, key
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def members_of(client: Client, room: str, request_id: str) -> dict[str, Any]:
+    """The `members` reply, or the error (`unavailable` while Redis is away)."""
+    await client.send(type="members", room=room, id=request_id)
+    while True:
+        frame = await client.next(timeout=10)
+        if frame.get("id") == request_id and frame["type"] in ("members", "error"):
+            return frame
+
+
+async def test_membership_comes_back_after_redis_restarts_without_persistence(
+    two_hosts: tuple[RedisServer, Host, Host],
+) -> None:
+    """Redis loses every membership key: the next refresh puts it back, no rejoin needed."""
+    redis, stay, gone = two_hosts
+    alice, bob = await watched(stay, gone, "restart-presence")
+    try:
+        assert (await members_of(alice, "restart-presence", "before"))["users"] == ["alice", "bob"]
+        redis.process.kill()
+        redis.process.wait()
+        # Same port, nothing saved: Redis comes back empty. The fixture stops this one.
+        redis.process = (await asyncio.to_thread(start_redis, port=redis.port, directory=redis.dir)).process
+        deadline = asyncio.get_running_loop().time() + RESTATED_WITHIN
+        attempt = 0
+        while True:
+            attempt += 1
+            reply = await members_of(alice, "restart-presence", f"after-{attempt}")
+            if reply.get("users") == ["alice", "bob"]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, reply
+            await asyncio.sleep(0.25)  # polling another process's state: no event to await
+        assert reply["count"] == 2
+        # Presence came back too: Bob's leave is still announced.
+        await bob.close()
+        await alice.expect("presence", SHUTDOWN_LEAVE_WITHIN, user="bob", event="leave")
     finally:
         await alice.close()
         await bob.close()
