@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import json
 import os
 import resource
 import shutil
@@ -205,6 +206,20 @@ class Host:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
+    def active_connections(self) -> int:
+        """Open WebSocket connections, all workers together (the /metrics summary)."""
+        return int(json.loads(self.get("/metrics")[1])["active_connections"])
+
+    def drain_report(self) -> dict[str, Any]:
+        status, body = self.get("/admin/drain")
+        assert status == 200, body
+        return dict(json.loads(body))
+
+    def drained(self) -> dict[str, Any] | None:
+        """The drain report once the drain is done and no connection is left, else None."""
+        report = self.drain_report()
+        return report if report["done"] and report["active_connections"] == 0 else None
+
     def healthy(self) -> bool:
         try:
             return self.get("/health")[0] == 200
@@ -318,8 +333,6 @@ def counter(host: Host, name: str, **labels: str) -> float:
 
 
 def ring_view(host: Host) -> list[str]:
-    import json
-
     return list(json.loads(host.get("/admin/ring")[1])["slots"])
 
 

@@ -18,10 +18,13 @@ from typing import Any
 
 from rtc_client import Client
 
+from tests.rtcproc import until
+
 ROOMS = 3
 CLIENTS = 4
 PUBLISHERS = 4  # every client publishes, so whichever one a disruption hits had publishes queued
 INTERVAL = 0.02  # seconds between one publisher's publishes (about 50/s each)
+FLOW = 20  # messages of each room every client receives before a disruption, and after it
 IN_FLIGHT = 200  # unacked publishes a publisher keeps at most (the SDK queue bound is 1000)
 
 
@@ -149,7 +152,7 @@ class PythonWorkload:
                 task = asyncio.create_task(self._one(room, f"p{index}", n))
                 self._acks.add(task)
                 n += 1
-            await asyncio.sleep(INTERVAL)
+            await asyncio.sleep(INTERVAL)  # the publishing pace, not a wait
 
     async def _one(self, room: Any, publisher: str, n: int) -> None:
         self.ledger.published += 1
@@ -173,10 +176,22 @@ class PythonWorkload:
                 await client.close()
         return self.ledger
 
+    async def flowing(self, more: int, timeout: float = 30) -> None:
+        """Until every client has received every room up to `more` past what is acked now:
+        the traffic reaches everyone (the JavaScript tool's `flow N`)."""
+        target = {room: max(acked, default=0) + more for room, acked in self.ledger.acked.items()}
+        await until(
+            lambda: not self._behind(target), timeout, lambda: f"traffic to reach {self._behind(target)}"
+        )
+
+    def _behind(self, target: dict[str, int]) -> list[str]:
+        """The clients and rooms not yet received up to `target[room]`, as `client/room@last seq`."""
+        return [
+            f"{name}/{room}@{got[-1][0] if got else 0}"
+            for name, rooms in self.ledger.received.items()
+            for room, got in rooms.items()
+            if (got[-1][0] if got else 0) < target[room]
+        ]
+
     def _caught_up(self) -> bool:
-        for rooms in self.ledger.received.values():
-            for room, acked in self.ledger.acked.items():
-                last = max(acked, default=0)
-                if last and (not rooms[room] or rooms[room][-1][0] < last):
-                    return False
-        return True
+        return not self._behind({room: max(acked, default=0) for room, acked in self.ledger.acked.items()})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,13 +23,9 @@ def closed(clients: list[Client]) -> int:
     return sum(c.closed.is_set() for c in clients)
 
 
-def drain_report(host: Host) -> dict[str, Any]:
-    return dict(json.loads(host.get("/admin/drain")[1]))
-
-
 async def finished_drain(host: Host) -> dict[str, Any]:
     report: dict[str, Any] = await asyncio.to_thread(
-        wait_for, lambda: (r := drain_report(host))["done"] and r, 30, "drain done"
+        wait_for, lambda: (r := host.drain_report())["done"] and r, 30, "drain done"
     )
     return report
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.client import Client
 from tests.rawstream import RawSocket, Refused
-from tests.rtcproc import Host, hosts, settle_ring, start_redis, token
+from tests.rtcproc import Host, hosts, settle_ring, start_redis, token, until
 
 ROOM = "ledger.room"
 USER = "bob"
@@ -86,7 +86,7 @@ class CutClient:
             try:
                 sock = await RawSocket.open(host.host, host.port, **query)
             except (Refused, OSError):
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the host refused: try again, as a client library would
                 continue
             try:
                 await self._greet(sock)
@@ -136,7 +136,7 @@ class CutClient:
                 self.ledger.gaps.append(frame)
             if caught_up.is_set():
                 return
-            await asyncio.sleep(READ_DELAY)
+            await asyncio.sleep(READ_DELAY)  # the slow reader under test, not a wait
 
 
 async def publish_all(host: Host) -> dict[str, int]:
@@ -148,7 +148,7 @@ async def publish_all(host: Host) -> dict[str, int]:
             await publisher.send(type="publish", room=ROOM, data=n, id=f"r{n}")
             if n % DIRECT_EVERY == 0:
                 await publisher.send(type="direct", to=USER, data=n, id=f"d{n}")
-            await asyncio.sleep(PUBLISH_INTERVAL)
+            await asyncio.sleep(PUBLISH_INTERVAL)  # the publishing pace, not a wait
         acks = await publisher.wait_frames("ack", MESSAGES + MESSAGES // DIRECT_EVERY, timeout=30)
         return {
             ROOM: max(a["seq"] for a in acks if a.get("room") == ROOM),
@@ -198,10 +198,12 @@ async def test_ledger_cut_client_loses_nothing_and_shows_nothing_twice(pair: lis
         await steady.wait_messages(ROOM, last[ROOM], timeout=30)
         await steady.wait_frames("direct", last[INBOX], timeout=30)
         cut.finishing.set()  # no more cuts: let it catch up
-        for _ in range(300):
-            if all(cut.ledger.position(room) >= seq for room, seq in last.items()):
-                break
-            await asyncio.sleep(0.1)
+        await until(
+            lambda: all(cut.ledger.position(room) >= seq for room, seq in last.items()),
+            30,
+            lambda: f"the cut client to reach {last} (at { ({r: cut.ledger.position(r) for r in last}) })",
+            0.1,
+        )
         caught_up.set()
         await asyncio.wait_for(cutting, 15)
     finally:

@@ -150,7 +150,7 @@ async def test_drain_migrates_everyone_without_loss() -> None:
             await start_traffic(members, publisher)
 
             assert [m.welcomes[-1]["node"] for m in members] == ["drain-a"] * 20
-            assert json.loads(a.get("/metrics")[1])["active_connections"] == 20
+            assert a.active_connections() == 20
             status, body = a.request("POST", "/admin/drain")
             assert status == 202 and json.loads(body)["draining"] == 20
             assert a.get("/health")[0] == 503
@@ -159,9 +159,9 @@ async def test_drain_migrates_everyone_without_loss() -> None:
                     await http.ws_connect(a.ws, params={"token": token("late")})
                 assert refused.value.status == 503
 
-            report = await asyncio.to_thread(wait_for, lambda: _drain_done(a), 20, "drain report")
+            report = await asyncio.to_thread(wait_for, a.drained, 20, "drain report")
             assert report["migrated"] == 20 and report["failed"] == 0
-            assert json.loads(a.get("/metrics")[1])["active_connections"] == 0
+            assert a.active_connections() == 0
             last = await stop_traffic(members, publisher)  # publishing went on after the move
             assert all(m.migrations == 1 and 1001 in m.close_codes for m in members)
             assert all(m.welcomes[-1]["node"] == "drain-b" and m.welcomes[-1]["resumed"] for m in members)
@@ -172,11 +172,6 @@ async def test_drain_migrates_everyone_without_loss() -> None:
             wait_for(a.healthy, 5, "undrained host healthy")
     finally:
         redis.stop()
-
-
-def _drain_done(host: Host) -> dict[str, object] | None:
-    report = json.loads(host.get("/admin/drain")[1])
-    return report if report["done"] and report["active_connections"] == 0 else None
 
 
 # -- rolling restart and crashes ---------------------------------------------------------------------------

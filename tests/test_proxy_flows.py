@@ -85,7 +85,7 @@ def serving(cluster: tuple[Host, Host]) -> Iterator[tuple[Host, Host]]:
     assert all(h.healthy() for h in cluster)
     yield cluster
     for host in cluster:
-        if _drain_state(host)["draining"]:
+        if host.drain_report()["draining"]:
             assert host.request("DELETE", "/admin/drain")[0] == 200
     wait_for(lambda: all(h.healthy() for h in cluster), 10, "hosts serving again")
 
@@ -110,18 +110,6 @@ def proxy(
 
 def _server_status(proxy: RunningProxy, server: str) -> str:
     return haproxy_server_status(proxy, "be_rtc_ws", server)
-
-
-def _drain_state(host: Host) -> dict[str, object]:
-    status, body = host.get("/admin/drain")
-    assert status == 200, body
-    state: dict[str, object] = json.loads(body)
-    return state
-
-
-def _drain_done(host: Host) -> dict[str, object] | None:
-    report = _drain_state(host)
-    return report if report["done"] and report["active_connections"] == 0 else None
 
 
 def _ws(proxy: RunningProxy) -> str:
@@ -226,7 +214,7 @@ async def test_drain_moves_clients_through_the_proxy_without_loss(
         late = [await Client.connect(url, f"{proxy.kind}-late{i}") for i in range(4)]
         assert [c.welcome["node"] for c in late] == ["b"] * 4
 
-        report = await asyncio.to_thread(wait_for, lambda: _drain_done(a), 20, "drain report")
+        report = await asyncio.to_thread(wait_for, a.drained, 20, "drain report")
         assert report["failed"] == 0, report
         assert report["migrated"] >= first_nodes.count("a"), report
         acked_at_drain_end = len(publisher.acked)
@@ -291,7 +279,7 @@ async def test_admin_drain_through_the_proxy_is_refused(
             assert resp.status == 200
     for host in serving:
         assert host.get("/health")[0] == 200
-        assert _drain_state(host)["draining"] is False
+        assert host.drain_report()["draining"] is False
     # Still serving WebSockets through the proxy.
     client = await Client.connect(_ws(proxy), "after-admin")
     try:

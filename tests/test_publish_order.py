@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 
 from tests.client import Client
-from tests.rtcproc import hosts, start_host, start_redis
+from tests.rtcproc import Host, hosts, settle_ring, start_host, start_redis, until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -20,6 +20,7 @@ ROOMS = [f"order{i}" for i in range(8)]
 BURST = 2  # publishes per writer and room back to back: some are in flight when an owner changes
 TICK = 0.05  # 1280 publishes a second in all
 ARGS = ("--rate", "5000", "--rate-burst", "5000")
+FLOWED = 200  # acks that show publishes flow on a ring (before, while and after a change)
 
 
 async def test_one_connections_publishes_keep_their_order_across_ring_changes() -> None:
@@ -32,7 +33,7 @@ async def test_one_connections_publishes_keep_their_order_across_ring_changes() 
                 for writer in writers:
                     for room in ROOMS:
                         await writer.join(room)
-                sent = await _publish_while(writers, _ring_changes(redis.url))
+                sent = await _publish_while(writers, _ring_changes(first, writers, redis.url))
                 async with asyncio.timeout(30):  # every publish answered: ack or unavailable
                     for writer in writers:
                         while _count(writer, "ack") + _count(writer, "error") < sent // WRITERS:
@@ -62,17 +63,30 @@ def _count(client: Client, kind: str) -> int:
     return sum(1 for f in client.seen if f["type"] == kind)
 
 
-async def _ring_changes(redis_url: str) -> None:
-    """Three times, a second host joins the ring, stays a moment, and shuts down."""
+async def _ring_changes(first: Host, writers: list[Client], redis_url: str) -> None:
+    """Three times, a second host joins the ring, publishes are acked with it there, and it
+    shuts down; before each change and after the last, publishes are acked on the ring as is."""
     for name in ("two", "three", "four"):
-        await asyncio.sleep(1.0)
+        await _acked_more(writers, FLOWED)
         second = await asyncio.to_thread(start_host, name, redis_url, args=ARGS)
         try:
-            await asyncio.sleep(2.0)
+            await asyncio.to_thread(settle_ring, [first, second])
+            await _acked_more(writers, FLOWED)
         finally:
             await asyncio.to_thread(second.stop)
             shutil.rmtree(second.runtime_dir, ignore_errors=True)
-    await asyncio.sleep(1.5)
+    await asyncio.to_thread(settle_ring, [first], 15)
+    await _acked_more(writers, FLOWED)
+
+
+async def _acked_more(writers: list[Client], more: int) -> None:
+    """Until `more` further publishes have been acked (sequenced), counting all writers."""
+    start = sum(_count(w, "ack") for w in writers)
+    await until(
+        lambda: sum(_count(w, "ack") for w in writers) >= start + more,
+        30,
+        lambda: f"{more} more acks (got {sum(_count(w, 'ack') for w in writers) - start})",
+    )
 
 
 async def _publish_while(writers: list[Client], changes: object) -> int:
@@ -86,6 +100,6 @@ async def _publish_while(writers: list[Client], changes: object) -> int:
                 for value in itertools.islice(counter, BURST):
                     await writer.send(type="publish", room=room, data=value)
                 sent += BURST
-        await asyncio.sleep(TICK)
+        await asyncio.sleep(TICK)  # the publishing pace, not a wait
     await task
     return sent

@@ -18,7 +18,7 @@ import pytest
 
 from tests.client import Client
 from tests.rawstream import RawSocket
-from tests.rtcproc import Host, RedisServer, hosts, start_redis, token
+from tests.rtcproc import Host, RedisServer, hosts, start_redis, token, until
 
 FILLER = "x"
 RCVBUF = 256 * 1024  # the clients' receive buffers: what is in flight to them stays small
@@ -45,7 +45,7 @@ async def opened() -> AsyncIterator[list[RawSocket]]:
     yield sockets
     for sock in sockets:
         sock.abandon()
-    await asyncio.sleep(0)  # let the transports finish closing
+    await asyncio.sleep(0)  # one loop turn for the transports to finish closing: not a timed wait
 
 
 async def publish(host: Host, room: str, count: int, size: int) -> int:
@@ -115,6 +115,10 @@ async def checkpoint(redis: RedisServer, sid: str, room: str) -> int:
     return int(value.strip().split(":")[0] or 0)
 
 
+async def checkpointed(redis: RedisServer, sid: str, room: str, seq: int) -> bool:
+    return await checkpoint(redis, sid, room) >= seq
+
+
 async def test_abrupt_drop_with_frames_in_flight_resumes_from_client_positions(
     opened: list[RawSocket], host: Host, redis: RedisServer
 ) -> None:
@@ -128,10 +132,7 @@ async def test_abrupt_drop_with_frames_in_flight_resumes_from_client_positions(
     assert await read_room(sock, room, 50) == list(range(1, 51))
     # Let the server's periodic checkpoint see its buffer empty (everything handed to the
     # kernel): the moment a server-side checkpoint claims frames the client never read.
-    for _ in range(30):
-        if await checkpoint(redis, sid, room) >= last:
-            break
-        await asyncio.sleep(0.1)
+    await until(lambda: checkpointed(redis, sid, room, last), 10, f"the checkpoint to claim seq {last}")
     sock.reset()
 
     back, _ = await resume_with_positions(opened, host, "reader", sid, {room: 50}, {room: epoch})
@@ -157,7 +158,8 @@ async def test_replay_cut_short_resumes_from_client_positions(
     answer = await joined(sock, room)
     assert answer["recovered"] is True and answer["seq"] == last
     assert await read_room(sock, room, 100) == list(range(1, 101))
-    await asyncio.sleep(1.5)  # a periodic checkpoint runs while the replay is unfinished
+    # A periodic checkpoint claims what the client read while the replay is unfinished...
+    await until(lambda: checkpointed(redis, sid, room, 100), 10, "a checkpoint of the 100 seqs read")
     assert await checkpoint(redis, sid, room) < last, "the checkpoint passed the unwritten replay"
     sock.reset()
 
@@ -224,9 +226,11 @@ async def test_resume_without_positions_is_the_servers_checkpoint(
     assert seen == list(range(last + 1, last + 6))
     # Two periodic checkpoints while the replay is unfinished: one claims what the one
     # before saw leave the buffer.
-    await asyncio.sleep(2.5)
+    await until(lambda: checkpointed(redis, sid, room, last + 5), 10, f"a checkpoint of seq {last + 5}")
+    connected = host.active_connections()
     cut.reset()
-    await asyncio.sleep(1.5)  # the reset is noticed: no checkpoint follows it
+    # Once the reset is noticed, no checkpoint of that connection follows.
+    await until(lambda: host.active_connections() < connected, 10, "the host to notice the reset")
     saved = await checkpoint(redis, sid, room)
     assert last + 5 <= saved < big, "the checkpoint passed the unwritten part of the replay"
     final, _ = await connect(opened, host, "plain", session=sid)

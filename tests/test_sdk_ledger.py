@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -28,7 +27,7 @@ import pytest
 
 from tests.proxies import RunningProxy, require_program, run_haproxy
 from tests.rtcproc import SECRET, Host, settle_ring, start_host, start_redis, token, wait_for
-from tests.sdk_ledger import Ledger, PythonWorkload, check
+from tests.sdk_ledger import FLOW, Ledger, PythonWorkload, check
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,7 +42,6 @@ HOST_ARGS = (
     "127.0.0.1/32",
 )
 JS = Path(__file__).parent.parent / "clients" / "js"
-RUN_BEFORE = 2.0  # seconds of traffic before the disruption, and again after it
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +68,7 @@ def _serving(cluster: dict[str, Host]) -> None:
 def drain(host: Host) -> None:
     status, _ = host.request("POST", "/admin/drain")
     assert status == 202
-    wait_for(lambda: json.loads(host.get("/admin/drain")[1])["done"], 30, "drain done")
+    wait_for(lambda: host.drain_report()["done"], 30, "drain done")
     assert host.request("DELETE", "/admin/drain")[0] == 200
 
 
@@ -108,6 +106,15 @@ DISRUPTIONS: dict[str, Callable[[Host], None]] = {
 }
 
 
+def _flowing(tool: subprocess.Popen[str]) -> None:
+    """The JavaScript tool's `flow N`: it answers once traffic reaches every client (or 30 s)."""
+    assert tool.stdout is not None and tool.stdin is not None
+    tool.stdin.write(f"flow {FLOW}\n")
+    tool.stdin.flush()
+    answer = tool.stdout.readline().strip()
+    assert answer == "flowed", f"the JavaScript clients: {answer or 'no answer'}"
+
+
 def _report(sdk: str, disruption: str, counts: dict[str, int]) -> None:
     print(f"\nledger {sdk} {disruption}: " + " ".join(f"{k}={v}" for k, v in counts.items()))
 
@@ -121,10 +128,10 @@ async def test_python_sdk_ledger_holds_through(
     workload = PythonWorkload(f"{proxy.ws_url}/ws", token, f"py-{disruption}-{uuid.uuid4().hex[:6]}")
     await workload.start()
     target = hosts[workload.clients[0].node or ""]
-    await asyncio.sleep(RUN_BEFORE)  # traffic before the disruption
+    await workload.flowing(FLOW)  # traffic before the disruption
     await asyncio.to_thread(DISRUPTIONS[disruption], target)
     await asyncio.to_thread(_serving, hosts)
-    await asyncio.sleep(RUN_BEFORE)
+    await workload.flowing(FLOW)  # and after it, to every client
     counts = check(await workload.finish())
     _report("python", disruption, counts)
     assert counts["reconnects"] > 0, "the disruption reached no client"
@@ -152,10 +159,10 @@ def test_js_sdk_ledger_holds_through(disruption: str, cluster: tuple[dict[str, H
         assert tool.stdout is not None and tool.stdin is not None
         ready = tool.stdout.readline().split()
         assert ready and ready[0] == "ready", ready
-        time.sleep(RUN_BEFORE)  # traffic before the disruption
+        _flowing(tool)  # traffic before the disruption
         DISRUPTIONS[disruption](hosts[ready[1]])
         _serving(hosts)
-        time.sleep(RUN_BEFORE)
+        _flowing(tool)  # and after it, to every client
         out, _ = tool.communicate("stop\n", timeout=120)
     finally:
         if tool.poll() is None:

@@ -4,6 +4,8 @@
 // Env: RTC_WS, RTC_JWT_SECRET, LEDGER_PREFIX. Prints `ready <node of the first publisher>`
 // once every client joined every room, publishes until a line `stop` arrives on stdin, then
 // waits for every ack and for every client to catch up and prints the ledger as one JSON line.
+// A line `flow N` meanwhile is answered `flowed` once every client has received every room up
+// to N past what was acked when it came (traffic reaches everyone), or `stalled <who>` after 30 s.
 import { createInterface } from "node:readline";
 
 import { RtcClient } from "../src/rtc-client.js";
@@ -80,27 +82,40 @@ function publisher(index) {
   });
 }
 
+const lastAcked = (room) => Math.max(0, ...Object.keys(ledger.acked[room]).map(Number));
+
+// The clients and rooms not yet received up to `target[room]`, as `client/room@last seq`.
+const behind = (target) =>
+  Object.entries(ledger.received).flatMap(([name, byRoom]) =>
+    rooms
+      .map((room) => [room, byRoom[room].length ? byRoom[room][byRoom[room].length - 1][0] : 0])
+      .filter(([room, last]) => last < target[room])
+      .map(([room, last]) => `${name}/${room}@${last}`),
+  );
+
+async function reach(target, ms) {
+  const deadline = Date.now() + ms;
+  while (behind(target).length && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+  return behind(target);
+}
+
 const publishing = Array.from({ length: PUBLISHERS }, (_, i) => publisher(i));
 console.log(`ready ${firstNode}`);
 
 const input = createInterface({ input: process.stdin });
 for await (const line of input) {
-  if (line.trim() === "stop") break;
+  const [command, more] = line.trim().split(" ");
+  if (command === "stop") break;
+  if (command === "flow") {
+    const left = await reach(Object.fromEntries(rooms.map((r) => [r, lastAcked(r) + Number(more)])), 30000);
+    console.log(left.length ? `stalled ${left.join(" ")}` : "flowed");
+  }
 }
 stopping = true;
 await Promise.all(publishing);
 await Promise.all(acks);
 
-const caughtUp = () =>
-  Object.values(ledger.received).every((byRoom) =>
-    rooms.every((room) => {
-      const last = Math.max(0, ...Object.keys(ledger.acked[room]).map(Number));
-      const got = byRoom[room];
-      return last === 0 || (got.length > 0 && got[got.length - 1][0] >= last);
-    }),
-  );
-const deadline = Date.now() + 60000;
-while (!caughtUp() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+await reach(Object.fromEntries(rooms.map((r) => [r, lastAcked(r)])), 60000);
 for (const client of clients) client.close();
 // Exit only once the pipe took it all: a large ledger is written in several chunks.
 process.stdout.write(`${JSON.stringify(ledger)}\n`, () => process.exit(0));
