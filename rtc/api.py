@@ -6,6 +6,10 @@ within the dedup window (the same seq comes back, nothing is sequenced twice).
 Cluster-wide calls (`disconnect`, `info`) ask every worker of every host over the hosts'
 control channels and count the answers: PUBLISH says how many workers heard the question,
 so the asker knows how many answers to wait for.
+
+Each key has a token bucket shared by the host's workers (`--api-rate`, `--api-burst`):
+one backend in a loop cannot take the host's Redis from the others. Every answer is
+counted in `rtc_api_requests_total{endpoint,status}`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -23,10 +28,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from rtc import keys
+from rtc import keys, metrics
 from rtc.broker.base import Broker
 from rtc.config import Settings
 from rtc.errors import CloseCode, ErrorCode, ProtocolError
+from rtc.hostcount import ConnectRate
 from rtc.node import MEMBERS_LIMIT, Node
 from rtc.protocol import Direct, Publish, check_name, direct_halves, inbox, message_halves, parse
 
@@ -78,10 +84,11 @@ class _Ask:
 class ServerApi:
     """What the `/api` handlers do, on top of this worker's node."""
 
-    def __init__(self, settings: Settings, node: Node, broker: Broker) -> None:
+    def __init__(self, settings: Settings, node: Node, broker: Broker, rate: ConnectRate) -> None:
         self.settings = settings
         self.node = node
         self.broker = broker
+        self._rate = rate
         self._keys = tuple((name, key.encode()) for name, key in settings.api_keys)
         self._asks: dict[str, _Ask] = {}
 
@@ -98,6 +105,16 @@ class ServerApi:
             if hmac.compare_digest(key, given.encode()) and given:
                 found = name
         return found
+
+    def admit(self, key_name: str) -> None:
+        """Spend one of the key's tokens (host-wide), or refuse the call with 429."""
+        settings = self.settings
+        if settings.api_rate and not self._rate.take(
+            key_name, settings.api_rate, settings.api_burst, time.monotonic()
+        ):
+            raise ApiError(
+                429, ErrorCode.RATE_LIMITED, f"over --api-rate for API key {key_name!r}: slow down"
+            )
 
     # -- sequencing --------------------------------------------------------------------------
 
@@ -187,27 +204,48 @@ def add_api_routes(app: web.Application, api: ServerApi) -> None:
     app[API] = api
     app.middlewares.append(_api_middleware)
     router = app.router
-    router.add_get("/api/openapi.json", openapi)
-    router.add_post("/api/publish", publish)
-    router.add_post("/api/broadcast", broadcast)
-    router.add_post("/api/direct", direct)
-    router.add_post("/api/disconnect", disconnect)
-    router.add_get("/api/rooms/{room}/members", members)
-    router.add_get("/api/rooms/{room}/history", history)
-    router.add_get("/api/info", info)
+    # Route names are the endpoint labels of `rtc_api_requests_total` (metrics.API_ENDPOINTS).
+    router.add_get("/api/openapi.json", openapi, name="openapi")
+    router.add_post("/api/publish", publish, name="publish")
+    router.add_post("/api/broadcast", broadcast, name="broadcast")
+    router.add_post("/api/direct", direct, name="direct")
+    router.add_post("/api/disconnect", disconnect, name="disconnect")
+    router.add_get("/api/rooms/{room}/members", members, name="members")
+    router.add_get("/api/rooms/{room}/history", history, name="history")
+    router.add_get("/api/info", info, name="info")
 
 
 @web.middleware
 async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Key check and the one error shape, for every path under /api/."""
+    """Key check, rate limit, the one error shape and the count, for every path under /api/."""
     if not request.path.startswith("/api/"):
         return await handler(request)
+    endpoint = request.match_info.route.name
+    if endpoint not in metrics.API_ENDPOINTS:
+        endpoint = "other"
     try:
-        if request.path != "/api/openapi.json" and request.app[API].key_name(request) is None:
-            raise ApiError(401, ErrorCode.FORBIDDEN, "missing or wrong API key")
+        response = await _answer(request, handler)
+    except web.HTTPException as exc:
+        metrics.API_REQUESTS.labels(endpoint, str(exc.status)).inc()
+        raise
+    metrics.API_REQUESTS.labels(endpoint, str(response.status)).inc()
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    api = request.app[API]
+    try:
+        if request.path != "/api/openapi.json":
+            name = api.key_name(request)
+            if name is None:
+                raise ApiError(401, ErrorCode.FORBIDDEN, "missing or wrong API key")
+            api.admit(name)
         return await handler(request)
     except ApiError as exc:
-        return _error(exc.status, exc.code, exc.message)
+        response = _error(exc.status, exc.code, exc.message)
+        if exc.status == 429:  # when the next token is due
+            response.headers["Retry-After"] = str(max(1, math.ceil(1 / api.settings.api_rate)))
+        return response
     except ProtocolError as exc:
         return _error(_STATUS[exc.code], exc.code, exc.message)
     except web.HTTPException as exc:  # no such path, or the wrong method for it

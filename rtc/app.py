@@ -133,7 +133,7 @@ def build_app(state: WorkerState) -> web.Application:
     app.router.add_get("/dashboard/events", dashboard_events)
     app.router.add_get("/client.js", client_js)
     if state.settings.api_keys:
-        state.api = ServerApi(state.settings, state.node, state.broker)
+        state.api = ServerApi(state.settings, state.node, state.broker, state.host_connections.api_rate)
         add_api_routes(app, state.api)
     if state.settings.demo:
         app.router.add_get("/demo", demo)

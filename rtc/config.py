@@ -67,6 +67,8 @@ class Settings:
     presence_events_max: int = 100
     public_url: str | None = None
     api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    api_rate: float = 1000.0
+    api_burst: int = 2000
     drain_batch: int = 500
     drain_interval: float = 0.1
     shutdown_timeout: float = 30.0
@@ -217,6 +219,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("public_url", str, "WebSocket URL announced as new_endpoint on drain"),
     _Option("api_keys", _api_keys, "server API keys, NAME:KEY comma list", "KEYS", default="none (API off)"),
     _Option("api_keys_file", str, "read server API keys from FILE, one NAME:KEY a line", "FILE"),
+    _Option(
+        "api_rate",
+        float,
+        "server API requests per second per API key, host-wide (token bucket); over it 429; 0: off",
+    ),
+    _Option("api_burst", int, "server API token bucket burst per API key"),
     _Option("drain_batch", int, "connections closed per drain step"),
     _Option("drain_interval", float, "seconds between drain steps"),
     _Option("shutdown_timeout", float, "seconds a graceful stop may take"),
@@ -429,7 +437,13 @@ def _validate(s: Settings) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"--trusted-proxies: {cidr!r} is not a CIDR") from None
-    for name in ("max_connections", "max_connections_per_ip", "presence_events_max", "connect_rate"):
+    for name in (
+        "max_connections",
+        "max_connections_per_ip",
+        "presence_events_max",
+        "connect_rate",
+        "api_rate",
+    ):
         value = getattr(s, name)
         _require(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0")
     for name in (
@@ -442,6 +456,7 @@ def _validate(s: Settings) -> None:
         "session_ttl",
         "drain_batch",
         "connect_burst",
+        "api_burst",
     ):
         _require(getattr(s, name) > 0, f"--{name.replace('_', '-')} must be > 0")
     for name in (

@@ -13,6 +13,7 @@ cap stricter for both, never looser.
 (CLOCK_MONOTONIC is one clock for all processes). Its read-modify-write takes no lock, so
 upgrades arriving at the same instant on different workers may each spend the same token:
 the overshoot is at most one per worker, and a worker that dies mid-update cannot wedge it.
+`--api-rate` is the same, per server API key name.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import ctypes
 import zlib
 from multiprocessing.sharedctypes import RawArray
 
-__all__ = ["ConnectRate", "HostConnections"]
+__all__ = ["API_KEY_BUCKETS", "ConnectRate", "HostConnections"]
 
 ADDRESS_BUCKETS = 65536
+API_KEY_BUCKETS = 1024  # API keys are few (a handful, for rotation): collisions are rare
 
 
 def _bucket(address: str, buckets: int) -> int:
@@ -31,7 +33,8 @@ def _bucket(address: str, buckets: int) -> int:
 
 
 class ConnectRate:
-    """Upgrades per second per client address, host-wide: `rate` a second up to `burst`."""
+    """Requests per second per name (a client address, an API key), host-wide: `rate` a
+    second up to `burst`. Names sharing a bucket share its tokens: stricter, never looser."""
 
     def __init__(self, buckets: int = ADDRESS_BUCKETS) -> None:
         self._buckets = buckets
@@ -39,9 +42,9 @@ class ConnectRate:
         self._spent = RawArray(ctypes.c_double, buckets)
         self._stamp = RawArray(ctypes.c_double, buckets)
 
-    def take(self, address: str, rate: float, burst: int, now: float) -> bool:
-        """Spend one of `address`'s upgrade tokens if it has one."""
-        bucket = _bucket(address, self._buckets)
+    def take(self, name: str, rate: float, burst: int, now: float) -> bool:
+        """Spend one of `name`'s tokens if it has one."""
+        bucket = _bucket(name, self._buckets)
         spent = max(0.0, self._spent[bucket] - (now - self._stamp[bucket]) * rate)
         self._stamp[bucket] = now
         if spent + 1.0 > burst:
@@ -58,6 +61,7 @@ class HostConnections:
         self._counts = RawArray(ctypes.c_long, slots)  # created before fork: shared
         self._by_address = RawArray(ctypes.c_int32, slots * buckets)
         self.connect_rate = ConnectRate(buckets)
+        self.api_rate = ConnectRate(API_KEY_BUCKETS)
 
     def set(self, slot: int, count: int) -> None:
         self._counts[slot] = count

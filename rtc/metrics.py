@@ -13,6 +13,8 @@ from rtc.errors import ErrorCode
 
 __all__ = [
     "ACTIVE_CONNECTIONS",
+    "API_ENDPOINTS",
+    "API_REQUESTS",
     "CONNECTIONS",
     "DELIVERIES",
     "DRAINS",
@@ -97,8 +99,16 @@ FRAMES_REFUSED = Counter(
 ERROR_FRAMES = Counter("rtc_errors", "Error frames sent, by code", ("code",))
 WORKER_RESTARTS = Counter("rtc_worker_restarts", "Workers replaced after dying")
 RING_SLOTS = Gauge("rtc_ring_slots", "Live slots in the ring", multiprocess_mode="livemax")
+API_REQUESTS = Counter(
+    "rtc_api_requests",
+    "Server API requests (/api/*) answered, by endpoint and HTTP status",
+    ("endpoint", "status"),
+)
 
 HANDSHAKE_REASONS = ("draining", "full", "origin", "auth", "per_ip", "connect_rate")
+# The server API's endpoints by name (never a path: a path holds room ids); `other` is a
+# path under /api/ that has no endpoint.
+API_ENDPOINTS = ("publish", "broadcast", "direct", "disconnect", "members", "history", "info", "openapi")
 REDIS_OPS = (
     "ping",
     "heartbeat",
@@ -125,3 +135,5 @@ def declare_label_values() -> None:
         MIGRATED.labels(result)
     for op in REDIS_OPS:
         REDIS_ERRORS.labels(op)
+    for endpoint in API_ENDPOINTS:
+        API_REQUESTS.labels(endpoint, "200")

@@ -16,10 +16,12 @@ import aiohttp
 import pytest
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
+from prometheus_client.parser import text_string_to_metric_families
 from rtc_client import ApiError, AsyncServerAPI, ServerAPI
 
+from rtc.metrics import API_ENDPOINTS
 from tests.client import Client
-from tests.rtcproc import Host, hosts, settle_ring, start_host, start_redis
+from tests.rtcproc import Host, counter, hosts, settle_ring, start_host, start_redis
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -329,3 +331,63 @@ async def test_python_server_api_clients(api_cluster: list[Host]) -> None:
         ]
     finally:
         await member.close()
+
+
+@pytest.fixture(scope="module")
+def limited_host() -> Iterator[Host]:
+    """Two workers, a bucket of 3 calls per key that refills once in 100 s."""
+    redis = start_redis()
+    try:
+        args = ("--api-keys", f"main:{KEY},old:{OLD_KEY}", "--api-rate", "0.01", "--api-burst", "3")
+        with hosts(("limited", redis.url), args=args) as (host,):
+            yield host
+    finally:
+        redis.stop()
+
+
+async def test_a_key_over_its_rate_gets_429_host_wide_and_every_call_is_counted(
+    limited_host: Host, openapi: OpenAPI
+) -> None:
+    host = limited_host
+    # A connection per call: SO_REUSEPORT spreads them over both workers, which share the bucket.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        api = Api(http, openapi)
+        statuses = [
+            (await api.call(host, "POST", "/api/publish", {"room": "rl", "data": i}))[0] for i in range(8)
+        ]
+        assert statuses == [200] * 3 + [429] * 5
+        status, refused = await api.call(host, "GET", "/api/rooms/rl/members")
+        assert (status, refused["error"]["code"]) == (429, "rate_limited")
+        assert set(refused["error"]) == {"code", "message"}  # the one error shape
+        async with http.post(
+            host.http + "/api/publish", json={"room": "rl", "data": 0}, headers={"X-API-Key": KEY}
+        ) as raw:
+            assert raw.status == 429 and raw.headers["Retry-After"] == "100"
+        # Buckets are per key; calls without a valid key and the document spend none.
+        assert (await api.call(host, "GET", "/api/rooms/rl/members", key=OLD_KEY))[0] == 200
+        assert (await api.call(host, "GET", "/api/info", key="wrong-0123456789abcdef"))[0] == 401
+        assert (await api.call(host, "GET", "/api/openapi.json", key=None))[0] == 200
+        assert (await api.call(host, "GET", "/api/nothing-here", key=OLD_KEY, documented=False))[0] == 404
+    expected = {
+        ("publish", "200"): 3,
+        ("publish", "429"): 6,
+        ("members", "429"): 1,
+        ("members", "200"): 1,
+        ("info", "401"): 1,
+        ("openapi", "200"): 1,
+        ("other", "404"): 1,
+    }
+    counted = {
+        labels: counter(host, "rtc_api_requests_total", endpoint=labels[0], status=labels[1])
+        for labels in expected
+    }
+    assert counted == expected
+    # Endpoints are names, never paths (a path holds a room id).
+    _, text = host.get("/metrics", {"Accept": "text/plain"})
+    endpoints = {
+        sample.labels["endpoint"]
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+        if sample.name == "rtc_api_requests_total"
+    }
+    assert endpoints == {*API_ENDPOINTS, "other"}

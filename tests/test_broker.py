@@ -150,6 +150,43 @@ async def test_members_presence_and_dead_slots(
     assert fresh_redis.cli("HKEYS", keys.presence("m")).split() == ["carol"]
 
 
+async def test_refresh_puts_back_the_membership_redis_lost(
+    broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
+) -> None:
+    """A refresh renews the keys, restores a lost slot's users silently, and keeps live counts."""
+    b, recorder = broker
+    await b.subscribe(keys.room_channel("r"))
+    await b.join("r", "h:0", "alice", b"alice", 100, 15)
+    await b.join("r", "h:0", "alice", b"alice", 100, 15)
+    await b.join("r", "h:1", "bob", b"bob", 100, 15)
+    announced = [(await asyncio.wait_for(recorder.messages.get(), 5))[1] for _ in range(2)]
+    assert announced == [b"0 0 alice", b"0 0 bob"]
+    assert await b.refresh_members("h:0", {"r": {"alice": 2}}, 9) == 0  # nothing lost
+    assert 0 < int(fresh_redis.cli("TTL", keys.members("r", "h:0"))) <= 9
+    fresh_redis.cli("FLUSHALL")  # a restart without persistence
+    assert await b.members("r", 1000) == (0, [])
+    restated = await asyncio.gather(
+        b.refresh_members("h:0", {"r": {"alice": 2}}, 15),
+        b.refresh_members("h:1", {"r": {"bob": 1}}, 15),
+    )
+    assert restated == [1, 1]
+    assert await b.members("r", 1000) == (2, ["alice", "bob"])
+    assert fresh_redis.cli("HGET", keys.members("r", "h:0"), "alice").strip() == "2"
+    assert sorted(fresh_redis.cli("HKEYS", keys.presence("r")).split()) == ["alice", "bob"]
+    for key in (keys.members("r", "h:0"), keys.member_slots("r"), keys.presence("r")):
+        assert 0 < int(fresh_redis.cli("TTL", key)) <= 15, key
+    await b.join("r", "h:0", "carol", b"carol", 100, 15)
+    # The restored users were not announced again: carol's join is the next event.
+    assert (await asyncio.wait_for(recorder.messages.get(), 5))[1] == b"0 0 carol"
+    # A full Redis refuses new data, but a refresh with nothing lost still renews the TTLs.
+    fresh_redis.cli("CONFIG", "SET", "maxmemory", "1")
+    try:
+        assert await b.refresh_members("h:0", {"r": {"alice": 2, "carol": 1}}, 12) == 0
+        assert 10 <= int(fresh_redis.cli("TTL", keys.members("r", "h:0"))) <= 12
+    finally:
+        fresh_redis.cli("CONFIG", "SET", "maxmemory", "0")
+
+
 async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
     broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
 ) -> None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import psutil
 import pytest
 
 from rtc import keys
+from rtc.node import MAINTAIN_EVERY, REFRESH_EVERY
 from rtc.routing.presence import MEMBERSHIP_TTL, PRESENCE_LEAVE_DELAY
 from tests.client import Client
-from tests.rtcproc import Host, RedisServer, start_host, start_redis
+from tests.rtcproc import Host, RedisServer, start_host, start_redis, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -24,6 +26,8 @@ pytestmark = pytest.mark.timeout(90)
 # the room notices at its next refresh (every 5 s) and announces the leave.
 CRASH_LEAVE_WITHIN = MEMBERSHIP_TTL + 5 + 5
 SHUTDOWN_LEAVE_WITHIN = PRESENCE_LEAVE_DELAY + 5 + 5
+# Membership Redis lost is put back by each worker's next refresh (slack for a loaded machine).
+RESTATED_WITHIN = MAINTAIN_EVERY * REFRESH_EVERY + 5
 
 
 @pytest.fixture
@@ -90,3 +94,36 @@ async def test_presence_keys_expire_with_membership(two_hosts: tuple[RedisServer
     async with watched(stay, gone, "ttl-presence"):
         for key in (keys.presence("ttl-presence"), keys.member_slots("ttl-presence")):
             assert 0 < int(redis.cli("TTL", key)) <= MEMBERSHIP_TTL, key
+
+
+async def members_of(client: Client, room: str, request_id: str) -> dict[str, Any]:
+    """The `members` reply, or the error (`unavailable` while Redis is away)."""
+    await client.send(type="members", room=room, id=request_id)
+    while True:
+        frame = await client.next(timeout=10)
+        if frame.get("id") == request_id and frame["type"] in ("members", "error"):
+            return frame
+
+
+async def test_membership_comes_back_after_redis_restarts_without_persistence(
+    two_hosts: tuple[RedisServer, Host, Host],
+) -> None:
+    """Redis loses every membership key: the next refresh puts it back, no rejoin needed."""
+    redis, stay, gone = two_hosts
+    async with watched(stay, gone, "restart-presence") as (alice, bob):
+        assert (await members_of(alice, "restart-presence", "before"))["users"] == ["alice", "bob"]
+        redis.process.kill()
+        redis.process.wait()
+        # Same port, nothing saved: Redis comes back empty. The fixture stops this one.
+        redis.process = (await asyncio.to_thread(start_redis, port=redis.port, directory=redis.dir)).process
+        replies: list[dict[str, Any]] = []
+
+        async def restated() -> bool:
+            replies.append(await members_of(alice, "restart-presence", f"after-{len(replies)}"))
+            return replies[-1].get("users") == ["alice", "bob"]
+
+        await until(restated, RESTATED_WITHIN, lambda: f"the membership back (last: {replies[-1:]})", 0.25)
+        assert replies[-1]["count"] == 2
+        # Presence came back too: Bob's leave is still announced.
+        await bob.close()
+        await alice.expect("presence", SHUTDOWN_LEAVE_WITHIN, user="bob", event="leave")

@@ -194,7 +194,7 @@ async def test_members_and_presence_across_slots(
         assert await a.members(room, 1000) == (2, ["carol", "dave"])
         assert await b.leave(room, "h2:1", "carol", 0, 15) is True
         assert await a.sweep(room, (b"<", b">"), 100) == []  # still on h1:0
-        await a.refresh_members("h1:0", [room], 7)
+        assert await a.refresh_members("h1:0", {room: {"carol": 1}}, 7) == 0  # nothing lost
         assert 0 < inspector.ttl(keys.members(room, "h1:0")) <= 7  # type: ignore[operator]
         assert 0 < inspector.ttl(keys.presence(room)) <= 7  # type: ignore[operator]
         inspector.delete(keys.members(room, "h1:0"))  # h1:0 died: its key expired

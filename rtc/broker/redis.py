@@ -525,17 +525,25 @@ class RedisCore(ABC):
             )
         return int(count), [u.decode() for u in users]
 
-    async def refresh_members(self, slot: str, rooms: Sequence[str], ttl: int) -> None:
-        """Keep this slot's membership (and its rooms' presence) alive; a dead worker's expires."""
+    async def refresh_members(self, slot: str, rooms: Mapping[str, Mapping[str, int]], ttl: int) -> int:
+        """Keep this slot's membership (and its rooms' presence) alive; a dead worker's expires.
+
+        `rooms` holds this slot's connection count per user: what Redis lost of it is put
+        back. Queued at once, behind the joins and leaves already issued: a user that Redis
+        lacks when it runs the script was lost, not left. Returns how many were put back.
+        """
         if not rooms:
-            return
+            return 0
+        replies = [
+            self._batch.script(
+                self._scripts["RESTATE"],
+                [keys.members(room, slot), keys.member_slots(room), keys.presence(room)],
+                [slot, ttl, *(item for pair in users.items() for item in pair)],
+            )
+            for room, users in rooms.items()
+        ]
         with self._timed("membership"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for room in rooms:
-                    pipe.expire(keys.members(room, slot), ttl)
-                    pipe.expire(keys.member_slots(room), ttl)
-                    pipe.expire(keys.presence(room), ttl)
-                await pipe.execute()
+            return sum(await asyncio.gather(*replies))
 
     # -- sessions ------------------------------------------------------------------------------
 

@@ -211,6 +211,34 @@ for i = 1, math.min(limit, count) do page[#page + 1] = users[i] end
 return page
 """
 
+# KEYS: my members hash, slots set, presence hash   ARGV: slot, ttl, then user, count pairs
+# Renews this slot's membership of the room and puts back what Redis lost of it (a restart
+# without persistence): users missing from the hash get this worker's count, and are
+# present again without a `join` event (their members saw it before). A user already
+# there keeps its count: JOIN and LEAVE keep it, and the other worker of this slot during a
+# rolling restart counts into it too. Nothing lost, nothing written: a full Redis still
+# renews the TTLs.
+# Returns how many users were put back.
+_RESTATE = """
+local restated = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    restated = restated + 1
+  end
+  if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[3], ARGV[i], 1)
+  end
+end
+if #ARGV > 2 and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
+for _, key in ipairs(KEYS) do
+  redis.call('EXPIRE', key, ARGV[2])
+end
+return restated
+"""
+
 
 _SOURCES = {
     "OPEN_ROOM": _OPEN_ROOM,
@@ -219,6 +247,7 @@ _SOURCES = {
     "LEAVE": _LEAVE,
     "SWEEP": _SWEEP,
     "MEMBERS": _MEMBERS,
+    "RESTATE": _RESTATE,
 }
 
 

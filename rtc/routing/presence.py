@@ -28,6 +28,10 @@ class Presence:
     every worker also sweeps the rooms it has members in at each membership refresh, which
     announces the pending leaves of workers that stopped meanwhile and the users of
     workers that died (their membership expired). So every `join` gets its `leave`.
+
+    It keeps its own count of what it told Redis, so that a refresh can put back what a
+    Redis restart without persistence lost: until then `members` would miss the users
+    who joined before it, until they joined again.
     """
 
     def __init__(
@@ -39,15 +43,25 @@ class Presence:
         self._max = presence_max
         self._joins = metrics.JOINS.labels(worker)
         self._timers: set[asyncio.TimerHandle] = set()
+        self._counts: dict[str, dict[str, int]] = {}  # room -> user -> this slot's connections
 
     async def join(self, room: str, user: str) -> None:
         """A connection of `user` joined: count it; `join` if the user is new in the room."""
         self._joins.inc()
+        users = self._counts.setdefault(room, {})
+        users[user] = users.get(user, 0) + 1
         frame = encode("presence", room=room, user=user, event="join")
         await self._membership.join(room, self._slot, user, frame, self._max, MEMBERSHIP_TTL)
 
     async def leave(self, room: str, user: str) -> None:
         """A connection of `user` left; when it was the slot's last, its leave is pending."""
+        users = self._counts.get(room, {})
+        if users.get(user, 0) > 1:
+            users[user] -= 1
+        else:
+            users.pop(user, None)
+            if not users:
+                self._counts.pop(room, None)
         try:
             if await self._membership.leave(
                 room, self._slot, user, int(PRESENCE_LEAVE_DELAY * 1000), MEMBERSHIP_TTL
@@ -60,8 +74,11 @@ class Presence:
         return await self._membership.members(room, limit)
 
     async def refresh(self, rooms: list[str]) -> None:
-        """Keep this slot's membership alive and announce the rooms' due leaves."""
-        await self._membership.refresh_members(self._slot, rooms, MEMBERSHIP_TTL)
+        """Keep this slot's membership alive (put back if Redis lost it); announce due leaves."""
+        counts = {room: self._counts.get(room, {}) for room in rooms}
+        restated = await self._membership.refresh_members(self._slot, counts, MEMBERSHIP_TTL)
+        if restated:
+            log.warning("Redis had lost %d of this worker's room members: put back", restated)
         await asyncio.gather(*(self._sweep(room) for room in rooms))
 
     def _sweep_later(self, room: str) -> None:
