@@ -298,13 +298,19 @@ def start_host(
     server = Host(node_id, port, metrics_port, process, runtime, log_path, host, workers, env or {})
     if wait:
         try:
-            wait_for(lambda: server.healthy() or process.poll() is not None, 30, f"host {node_id}")
+            # One worker answering /health is not a booted host: a worker killed before the
+            # supervisor saw it ready fails the first boot. The supervisor says when it is.
+            wait_for(lambda: _booted(server) or process.poll() is not None, 30, f"host {node_id}")
         except TimeoutError:
             server.stop()
             raise
         if process.poll() is not None:
             raise RuntimeError(f"rtc serve exited {process.returncode}:\n{server.log()}")
     return server
+
+
+def _booted(server: Host) -> bool:
+    return server.healthy() and " serving on " in server.log()
 
 
 @contextlib.contextmanager

@@ -106,6 +106,22 @@ async def test_dropped_socket_resumes_without_loss_and_queued_publishes_go_once(
     assert [m["data"] for m in got].count("queued-0") == 1
 
 
+async def test_a_publish_on_a_closing_socket_is_sent_again_after_the_resume(clients: list[Client]) -> None:
+    """A worker killed mid-send leaves the transport closing before the reader sees it:
+    the write fails there, and the publish must wait for the resume, not fail."""
+    ann, bob = clients
+    room_a, room_b = await ann.join("py-closing"), await bob.join("py-closing")
+    resumed = asyncio.Event()
+    ann.on("resumed", lambda _: resumed.set())
+    transport = ann._ws._response.connection.transport  # type: ignore[union-attr]
+    transport.abort()  # closing now; aiohttp's reader learns of it a loop turn later
+    publish = asyncio.ensure_future(room_a.publish("while-closing"))
+    await asyncio.wait_for(resumed.wait(), 10)
+    seq = await asyncio.wait_for(publish, 10)
+    got = await take(room_b, 1)
+    assert (got[0]["seq"], got[0]["data"]) == (seq, "while-closing")
+
+
 async def test_server_api_disconnect_is_final_and_get_token_refreshes(host: Host) -> None:
     minted = 0
 

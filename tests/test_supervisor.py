@@ -133,7 +133,15 @@ def test_a_killed_workers_replacement_starts_at_the_first_attempt(redis_server: 
     with hosts(("killed", redis_server.url)) as (host,):
         victim, survivor = host.worker_pids()
         psutil.Process(victim).kill()
-        wait_for(lambda: len(host.worker_pids()) == 2 and host.healthy(), 10, "a replacement")
+        # Until the supervisor reaps it, the victim is still listed (a zombie).
+        try:
+            wait_for(
+                lambda: victim not in (pids := host.worker_pids()) and len(pids) == 2 and host.healthy(),
+                10,
+                "a replacement",
+            )
+        except TimeoutError:
+            pytest.fail(f"no replacement: workers {host.worker_pids()}\n{host.log()}")
         assert survivor in host.worker_pids()
         log = host.log()
         assert "Bad file descriptor" not in log and "Traceback" not in log, log

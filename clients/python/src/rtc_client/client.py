@@ -432,8 +432,14 @@ class Client(_Events):
         return task
 
     async def _send(self, frame: Frame) -> None:
-        if self._ws is not None:
+        """Write a frame; on a connection already going, drop it: the reader sees the close,
+        and what awaits an answer is resent (publishes) or failed (requests) from there."""
+        if self._ws is None:
+            return
+        try:
             await self._ws.send_str(json.dumps(frame))
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError: closing transport
+            log.debug("frame not sent: the connection is closing")
 
     def _id(self, kind: str) -> str:
         return f"{kind}:{self._prefix}:{next(self._ids)}"
