@@ -30,8 +30,8 @@ class Presence:
     workers that died (their membership expired). So every `join` gets its `leave`.
 
     It keeps its own count of what it told Redis, so that a refresh can put back what a
-    Redis restart without persistence lost: until then `members` would miss the users
-    who joined before it, until they joined again.
+    Redis restart without persistence lost (else `members` would miss those users until
+    they joined again).
     """
 
     def __init__(
