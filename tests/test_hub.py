@@ -281,6 +281,38 @@ def test_a_storm_of_joins_is_one_write_per_member_without_their_own_events() -> 
         assert len(marks) == 4 and marks[-1][0] == len(data)
 
 
+def test_joins_between_events_write_nothing_until_the_turns_flush() -> None:
+    """A connect storm: each join's hold and release would flush the room's queued events
+    to every member, one write per join per member. Events stay queued instead; the
+    turn's flush writes each member (the joiners too) once, without its own events."""
+    hub = live_hub()
+    users = [User(f"u{i}") for i in range(5)]
+    effects: list[h.Effect[User]] = []
+    for member in users:
+        effects += hub.hold(ROOM, member) + hub.release(ROOM, member)
+        effects += hub.receive(ROOM, presence(member.user))
+    assert kinds(effects) == ["Flush"]
+    write = hub.flush(ROOM)
+    assert write is not None and set(write.members) == set(users)
+    for member in users:
+        data, _marks = write.for_member(member)
+        assert [f["user"] for f in frames_of(data)] == [u.user for u in users if u != member]
+
+
+def test_a_joiner_replayed_to_gets_the_turns_events_once_on_release() -> None:
+    hub = live_hub()
+    alice, bob = User("alice"), User("bob")
+    hub.hold(ROOM, alice)
+    hub.release(ROOM, alice)
+    queued = hub.receive(ROOM, presence("carol"))
+    assert hub.hold(ROOM, bob) == []  # only an event queued: nothing to flush yet
+    turn = writes(hub, queued)
+    assert [f["user"] for f in turn[alice]] == ["carol"] and bob not in turn
+    (release,) = hub.release(ROOM, bob)  # the event waited for bob's replay to end
+    assert isinstance(release, h.Write) and [f["user"] for f in frames_of(release.data)] == ["carol"]
+    assert hub.flush(ROOM) is None
+
+
 # -- members ---------------------------------------------------------------------------------
 
 

@@ -182,6 +182,11 @@ class Room(Generic[M]):
     attempts: int = 0  # failed reads of the outstanding fill or resync
     resync_due: bool = False  # pub/sub came back while filling: resync afterwards
 
+    @property
+    def messages_queued(self) -> bool:
+        """The turn's queue holds messages (seqs up to the cursor), not only events."""
+        return len(self.outgoing) > len(self.outgoing_subjects)
+
 
 class Hub(Generic[M]):
     """The rooms of one worker; every method returns the effects to carry out, in order."""
@@ -216,21 +221,29 @@ class Hub(Generic[M]):
 
         Meanwhile its live messages are not queued for it: the replay reads them from
         history until it reaches the cursor, so a long replay holds no more than a page,
-        and only events (presence) wait. Frames queued so far go to the other members
+        and only events (presence) wait. Messages queued so far go to the other members
         first: they are up to the cursor, which the joiner's `joined` and replay cover.
+        Events queued this turn stay queued, the joiner's share included: a storm of joins
+        into one room is then one write per member per turn, not one per join.
         """
         room = self.rooms[name]
         effects: list[Effect[M]] = []
-        self._flush_into(room, effects)
+        if room.messages_queued:
+            self._flush_into(room, effects)
         room.members.add(member)
         room.held.setdefault(member, [])
         return effects
 
     def release(self, name: str, member: M) -> list[Effect[M]]:
-        """The replay reached the cursor: write the events held back, then deliver live."""
+        """The replay reached the cursor: write the events held back, then deliver live.
+
+        Messages queued this turn are up to the cursor, which the replay covered: they go
+        to the others first. Events queued this turn stay queued, the member's share too.
+        """
         room = self.rooms[name]
         effects: list[Effect[M]] = []
-        self._flush_into(room, effects)
+        if room.messages_queued:
+            self._flush_into(room, effects)
         held = room.held.pop(member, None)
         if held:
             data = b"".join(held)
