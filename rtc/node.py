@@ -172,7 +172,7 @@ class Node:
                 failures.succeeded()
 
     async def checkpoint_forever(self) -> None:
-        await self.sessions.checkpoint_forever(lambda: self.connections)
+        await self.sessions.checkpoint_forever()
 
     async def save_final(self, conns: Iterable[Connection]) -> None:
         """Checkpoint connections that are closing in order (what was queued is written first)."""
@@ -189,6 +189,7 @@ class Node:
         """A new connection: listen to its inbox. A resumed session's inbox stays `held`
         (its live frames wait) until the rejoin has replayed it."""
         self.connections.add(conn)
+        self.sessions.track(conn)
         name = inbox(conn.user)
         await self.rooms.open(name)
         conn.checkpoint.start(name, self.rooms.hold(name, conn))
@@ -199,6 +200,7 @@ class Node:
     async def detach(self, conn: Connection) -> None:
         """A closed connection: leave its rooms (its session stays resumable)."""
         self.connections.discard(conn)
+        self.sessions.untrack(conn)
         for name in list(conn.rooms):
             await self._drop_member(conn, name)
 

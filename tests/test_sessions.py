@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from rtc import keys
+from rtc.broker import RedisBroker
+from rtc.routing.checkpoint import Checkpoint
+from rtc.routing.sessions import CHECKPOINT_SLICES, Sessions
 from tests.client import Client
 from tests.rawstream import RawSocket
 from tests.rtcproc import Host, RedisServer, start_host, token
@@ -139,3 +143,53 @@ async def test_a_failed_repeated_join_closes_for_a_resume(redis_server: RedisSer
         if reader is not None:
             await reader.close()
         host.stop()
+
+
+@dataclass(eq=False)
+class _Idle:
+    """A connection's parts that a checkpoint reads: a socket with nothing buffered."""
+
+    session: str
+    user: str = "u"
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    transport: Any = field(default_factory=lambda: _Drained())
+
+
+class _Drained:
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def test_a_seconds_checkpoints_go_out_in_even_slices_each_connection_once(
+    fresh_redis: RedisServer,
+) -> None:
+    """10,000 sessions written at once stalled the loop: each tick writes one slice."""
+    broker = RedisBroker(fresh_redis.url, _NoChannels(), "0")
+    await broker.start()
+    try:
+        sessions = Sessions(broker, lambda room: "e1", ttl=60)
+        conns = [_Idle(f"s{i}") for i in range(25)]
+        for conn in conns:
+            conn.checkpoint.start("room", 7)
+            sessions.track(conn)  # type: ignore[arg-type]
+        gone = conns.pop()
+        sessions.untrack(gone)  # type: ignore[arg-type]
+        written: list[int] = []
+        for index in range(CHECKPOINT_SLICES):
+            before = len(fresh_redis.cli("KEYS", "*").split())
+            await sessions.save_slice(index)
+            written.append(len(fresh_redis.cli("KEYS", "*").split()) - before)
+        assert sorted(set(written)) == [2, 3] and sum(written) == len(conns)
+        for conn in conns:
+            assert fresh_redis.cli("HGET", keys.session(conn.session), "r:room").strip() == "7:e1"
+        assert fresh_redis.cli("EXISTS", keys.session(gone.session)).strip() == "0"
+    finally:
+        await broker.close()
+
+
+class _NoChannels:
+    def on_channel_message(self, channel: bytes, payload: bytes) -> None:
+        raise AssertionError("no subscription was made")
+
+    def on_resubscribed(self, channel: bytes) -> None:
+        raise AssertionError("no subscription was made")
