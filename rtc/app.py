@@ -72,6 +72,9 @@ DEMO_TOKEN_TTL = 600  # the demo page's SDK fetches a new token before this runs
 DEMO_ROOMS = ["demo.*"]  # plus the user's own inbox, which every token may read
 
 
+_RECEIVED = metrics.TurnCounter(metrics.MESSAGES_RECEIVED)  # per frame: written once a turn
+
+
 def _fd_capacity() -> int:
     """Client sockets this worker's descriptor limit holds after the reserve."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -370,7 +373,7 @@ async def _await_positions(conn: Connection) -> tuple[Resume | None, WSMessage |
         except ProtocolError:
             return None, msg
         if isinstance(command, Resume):
-            metrics.MESSAGES_RECEIVED.inc()
+            _RECEIVED.inc()
             _admit(conn)  # it spends a token like any frame (the first one never runs out)
             return command, None
     return None, msg
@@ -410,7 +413,7 @@ async def _dispatch(state: WorkerState, conn: Connection, msg: WSMessage) -> boo
     if msg.type is WSMsgType.TEXT:
         await _handle(state, conn, msg.data)
     elif msg.type is WSMsgType.BINARY:
-        metrics.MESSAGES_RECEIVED.inc()
+        _RECEIVED.inc()
         if _admit(conn):
             conn.send_error(ErrorCode.BAD_REQUEST, "binary frames are not supported")
     elif msg.type is WSMsgType.CLOSE:
@@ -454,7 +457,7 @@ def _admit(conn: Connection, text: str | None = None) -> bool:
 
 
 async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
-    metrics.MESSAGES_RECEIVED.inc()
+    _RECEIVED.inc()
     if not _admit(conn, data):
         return
     try:

@@ -7,6 +7,10 @@ unlabelled names come first: the seed's dashboard and alerts query them as they 
 
 from __future__ import annotations
 
+import asyncio
+from bisect import bisect_left
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from rtc.errors import ErrorCode
@@ -43,6 +47,8 @@ __all__ = [
     "SLOW_CONSUMERS",
     "TOTAL_CONNECTIONS",
     "WORKER_RESTARTS",
+    "TurnCounter",
+    "TurnHistogram",
     "declare_label_values",
 ]
 
@@ -137,3 +143,85 @@ def declare_label_values() -> None:
         REDIS_ERRORS.labels(op)
     for endpoint in API_ENDPOINTS:
         API_REQUESTS.labels(endpoint, "200")
+
+
+# -- per-turn batching of hot metrics -----------------------------------------------------------
+
+
+class TurnCounter:
+    """A counter whose increments of one loop turn reach its shared-memory file as one.
+
+    In multiprocess mode every `inc` is a pid check and an mmap write: paid per frame and
+    per delivery, about 8 % of a busy worker. A scrape sees at most one turn's lag.
+    """
+
+    __slots__ = ("_metric", "_pending", "_scheduled")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric  # a Counter, or one labelled child of it
+        self._pending = 0.0
+        self._scheduled = False
+
+    def inc(self, amount: float = 1) -> None:
+        self._pending += amount
+        if not self._scheduled:
+            self._scheduled = _at_turn_end(self)
+
+    def flush(self) -> None:
+        pending, self._pending, self._scheduled = self._pending, 0.0, False
+        if pending:
+            self._metric.inc(pending)
+
+
+class TurnHistogram:
+    """A histogram whose observations of one loop turn are written as one per bucket."""
+
+    __slots__ = ("_bounds", "_counts", "_metric", "_scheduled", "_sum")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric  # a Histogram, or one labelled child of it
+        self._bounds: list[float] = list(metric._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._scheduled = False
+
+    def observe(self, amount: float) -> None:
+        self._sum += amount
+        self._counts[bisect_left(self._bounds, amount)] += 1  # the last bound is +Inf
+        if not self._scheduled:
+            self._scheduled = _at_turn_end(self)
+
+    def flush(self) -> None:
+        """What `observe` would have written, one write per bucket that changed."""
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum, self._scheduled = self._sum, 0.0, False
+        if not any(counts):
+            return
+        self._metric._sum.inc(total)
+        for bucket, count in zip(self._metric._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+
+
+_due: list[TurnCounter | TurnHistogram] = []
+
+
+def _at_turn_end(metric: TurnCounter | TurnHistogram) -> bool:
+    """Flush `metric` at the end of this loop turn; True when that is arranged (without
+    a running loop, e.g. in the supervisor, it is flushed at once)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        metric.flush()
+        return False
+    if not _due:
+        loop.call_soon(_flush_due)
+    _due.append(metric)
+    return True
+
+
+def _flush_due() -> None:
+    due = _due[:]
+    _due.clear()
+    for metric in due:
+        metric.flush()

@@ -90,7 +90,7 @@ class _Timed:
 def _children() -> dict[str, tuple[Any, Any]]:
     """Each operation's (seconds, errors) metric children."""
     seconds, errors = metrics.REDIS_SECONDS, metrics.REDIS_ERRORS
-    return {op: (seconds.labels(op), errors.labels(op)) for op in metrics.REDIS_OPS}
+    return {op: (metrics.TurnHistogram(seconds.labels(op)), errors.labels(op)) for op in metrics.REDIS_OPS}
 
 
 class _Pipeliner:

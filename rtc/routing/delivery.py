@@ -76,8 +76,12 @@ class LocalRooms:
         self._subscriptions: dict[str, _Subscription] = {}
         self._dirty: list[str] = []  # rooms with frames queued this loop turn
         self._worker = worker
-        self._fanout_received = metrics.FANOUT_RECEIVED.labels(worker)
-        self._deliveries = metrics.DELIVERIES.labels(worker)
+        # Per message: written to the metrics files once a loop turn.
+        self._fanout_received = metrics.TurnCounter(metrics.FANOUT_RECEIVED.labels(worker))
+        self._deliveries = metrics.TurnCounter(metrics.DELIVERIES.labels(worker))
+        self._sent = metrics.TurnCounter(metrics.MESSAGES_SENT)
+        self._fanout_size = metrics.TurnHistogram(metrics.FANOUT_SIZE)
+        self._publish_to_deliver = metrics.TurnHistogram(metrics.PUBLISH_TO_DELIVER)
         self._rooms_gauge = metrics.ROOMS.labels(worker)
 
     def __contains__(self, name: str) -> bool:
@@ -265,10 +269,10 @@ class LocalRooms:
                     self._write(effect)
                 case h.Delivered(members=count, ts=ts):
                     self._deliveries.inc(count)
-                    metrics.MESSAGES_SENT.inc(count)
-                    metrics.FANOUT_SIZE.observe(count)
+                    self._sent.inc(count)
+                    self._fanout_size.observe(count)
                     if ts:
-                        metrics.PUBLISH_TO_DELIVER.observe(max(0.0, time.time() - ts / 1000))
+                        self._publish_to_deliver.observe(max(0.0, time.time() - ts / 1000))
                 case h.Fill():
                     self._tasks.spawn(self._fill(effect))
                 case h.Resync():
