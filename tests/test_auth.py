@@ -248,6 +248,22 @@ def test_alg_none() -> None:
         rejected(verifier(), token.rstrip("."))
 
 
+def test_a_critical_header_extension_is_refused() -> None:
+    token = handmade(
+        {"alg": "HS256", "crit": ["b64"], "b64": False},
+        claims(),
+        lambda data: hmac.new(SECRET.encode(), data, hashlib.sha256).digest(),
+    )
+    assert "critical" in str(rejected(verifier(), token))
+
+
+@pytest.mark.parametrize("bad", ["é", "\udcff", "\x00", "!!!!", "*"])
+def test_a_token_with_characters_outside_base64url_is_refused(bad: str) -> None:
+    header, payload, signature = hs256().split(".")
+    for token in (f"{header}.{payload}{bad}.{signature}", f"{header}.{payload}.{signature}{bad}"):
+        rejected(verifier(), token)
+
+
 def test_key_confusion_rsa_public_key_as_hmac_secret(rsa_key: rsa.RSAPrivateKey) -> None:
     pem = public_pem(rsa_key)
     check = verifier(jwt_algorithms=("RS256",), jwt_public_key=pem, jwt_secret=None)
