@@ -313,6 +313,22 @@ def test_a_joiner_replayed_to_gets_the_turns_events_once_on_release() -> None:
     assert hub.flush(ROOM) is None
 
 
+def test_a_flush_says_whether_messages_wait_and_the_first_message_after_events_asks_again() -> None:
+    """Events alone may be paced by the caller; a message may not wait behind them."""
+    hub = live_hub()
+    alice = User("alice")
+    hub.hold(ROOM, alice)
+    hub.release(ROOM, alice)
+    assert hub.receive(ROOM, presence("bob")) == [h.Flush(ROOM, messages=False)]
+    assert hub.receive(ROOM, presence("carol")) == []
+    effects = hub.receive(ROOM, payload(1))
+    assert [e for e in effects if isinstance(e, h.Flush)] == [h.Flush(ROOM, messages=True)]
+    assert [e for e in hub.receive(ROOM, payload(2)) if isinstance(e, h.Flush)] == []
+    write = hub.flush(ROOM)
+    assert write is not None
+    assert [f.get("user", f.get("seq")) for f in frames_of(write.data)] == ["bob", "carol", 1, 2]
+
+
 # -- members ---------------------------------------------------------------------------------
 
 

@@ -127,3 +127,30 @@ async def test_membership_comes_back_after_redis_restarts_without_persistence(
         # Presence came back too: Bob's leave is still announced.
         await bob.close()
         await alice.expect("presence", SHUTDOWN_LEAVE_WITHIN, user="bob", event="leave")
+
+
+async def test_a_burst_of_joins_reaches_a_member_complete_in_order_and_before_later_messages(
+    two_hosts: tuple[RedisServer, Host, Host],
+) -> None:
+    """A busy room's events are paced (rtc.routing.pacing); none is lost, none overtakes."""
+    _, stay, _ = two_hosts
+    room = "burst-presence"
+    alice = await Client.connect(stay.ws, "alice")
+    joiners: list[Client] = []
+    try:
+        await alice.join(room)
+        for i in range(12):
+            joiner = await Client.connect(stay.ws, f"j{i}")
+            joiners.append(joiner)
+            await joiner.join(room)
+        published = await joiners[-1].request("publish", "ack", room=room, data="after the joins")
+        frames = await alice.wait_frames("message", 1, room=room)
+        assert frames[0]["seq"] == published["seq"]
+        events = [f["user"] for f in alice.seen if f.get("type") == "presence" and f.get("event") == "join"]
+        assert events == [f"j{i}" for i in range(12)]
+        message_at = next(i for i, f in enumerate(alice.seen) if f.get("type") == "message")
+        last_join_at = max(i for i, f in enumerate(alice.seen) if f.get("type") == "presence")
+        assert last_join_at < message_at  # the events waiting went out before the message
+    finally:
+        for client in (alice, *joiners):
+            await client.close()

@@ -22,6 +22,7 @@ from rtc.log import describe
 from rtc.protocol import encode
 from rtc.routing import hub as h
 from rtc.routing.channels import Channels, Listener
+from rtc.routing.pacing import EventPacer
 from rtc.routing.tasks import Tasks
 
 __all__ = ["IDLE_SECONDS", "LocalRooms", "Replay"]
@@ -75,6 +76,8 @@ class LocalRooms:
         self._history_ttl = history_ttl
         self._subscriptions: dict[str, _Subscription] = {}
         self._dirty: list[str] = []  # rooms with frames queued this loop turn
+        self._pacer = EventPacer()
+        self._deferred: dict[str, asyncio.TimerHandle] = {}  # rooms whose events wait
         self._worker = worker
         # Per message: written to the metrics files once a loop turn.
         self._fanout_received = metrics.TurnCounter(metrics.FANOUT_RECEIVED.labels(worker))
@@ -127,6 +130,10 @@ class LocalRooms:
         return room
 
     def _forget(self, name: str) -> None:
+        timer = self._deferred.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        self._pacer.forget(name)
         self._subscriptions.pop(name, None)
         self.hub.forget(name)
         self._channels.forget(keys.room_channel(name))
@@ -261,10 +268,8 @@ class LocalRooms:
     def apply(self, effects: list[h.Effect[Connection]]) -> None:
         for effect in effects:
             match effect:
-                case h.Flush(room=name):
-                    self._dirty.append(name)
-                    if len(self._dirty) == 1:
-                        asyncio.get_running_loop().call_soon(self.flush)
+                case h.Flush(room=name, messages=messages):
+                    self._schedule(name, messages)
                 case h.Write():
                     self._write(effect)
                 case h.Delivered(members=count, ts=ts):
@@ -292,13 +297,40 @@ class LocalRooms:
                     metrics.GAPS_REPORTED.labels(self._worker).inc()
                     log.warning("gap in %s: %d..%d not in history", name, first, last)
 
+    def _schedule(self, name: str, messages: bool) -> None:
+        """Flush at the end of this turn; events alone when the room's pacing allows."""
+        loop = asyncio.get_running_loop()
+        if not messages:
+            now = loop.time()
+            due = self._pacer.due(name, now)
+            if due > now:
+                if name not in self._deferred:
+                    self._deferred[name] = loop.call_at(due, self._flush_deferred, name)
+                return
+        self._dirty.append(name)
+        if len(self._dirty) == 1:
+            loop.call_soon(self.flush)
+
     def flush(self) -> None:
         """Write what the rooms queued this turn (also before anything that reads cursors)."""
         dirty, self._dirty = self._dirty, []
+        now = asyncio.get_running_loop().time()
         for name in dirty:
-            write = self.hub.flush(name)
-            if write is not None:
-                self._write(write)
+            self._flush_room(name, now)
+
+    def _flush_deferred(self, name: str) -> None:
+        del self._deferred[name]
+        self._flush_room(name, asyncio.get_running_loop().time())
+
+    def _flush_room(self, name: str, now: float) -> None:
+        """Write the room's queue (waiting events too, before any message behind them)."""
+        timer = self._deferred.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        write = self.hub.flush(name)
+        if write is not None:
+            self._write(write)
+            self._pacer.written(name, now)
 
     @staticmethod
     def _write(write: h.Write[Connection]) -> None:

@@ -12,7 +12,9 @@ caller feeds it what arrived (`receive`), what it fetched (`opened`, `filled`,
 
 - `Flush`: frames were queued for the room; call `flush` at the end of the loop turn,
   which returns the `Write` (one write per member per turn: the fan-out's cost is its
-  send syscalls).
+  send syscalls). `messages` says whether messages are among them: a queue of events
+  alone may wait longer (the caller paces presence), and the first message queued after
+  events asks again, with `messages` set.
 - `Write`: write `data` to each of `members`. Its `marks` say where each frame ends in
   `data` and the seq it brings the room to, so a session checkpoint can count every frame
   that left a socket's buffer (`rtc.routing.checkpoint`).
@@ -86,6 +88,7 @@ class Phase(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Flush:
     room: str
+    messages: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,11 +452,13 @@ class Hub(Generic[M]):
         room.attempts = 0
         effects.append(Fill(room.name, room.cursor, upto, 0.0))
 
-    def _queue(self, room: Room[M], wire: bytes, effects: list[Effect[M]]) -> None:
+    def _queue(self, room: Room[M], wire: bytes, effects: list[Effect[M]], *, event: bool = False) -> None:
         room.outgoing.append(wire)
         room.outgoing_seqs.append(room.cursor)
         if len(room.outgoing) == 1:
-            effects.append(Flush(room.name))
+            effects.append(Flush(room.name, not event))
+        elif not event and len(room.outgoing) - len(room.outgoing_subjects) == 1:
+            effects.append(Flush(room.name, True))  # the first message after queued events
 
     def _deliver(self, room: Room[M], record: Record, effects: list[Effect[M]]) -> None:
         room.cursor = record.seq
@@ -469,7 +474,7 @@ class Hub(Generic[M]):
     def _event(self, room: Room[M], frame: bytes, effects: list[Effect[M]]) -> None:
         """An unsequenced room event (presence): queued for every member but its subject."""
         room.outgoing_subjects[len(room.outgoing)] = orjson.loads(frame).get("user")
-        self._queue(room, wire_text(frame), effects)
+        self._queue(room, wire_text(frame), effects, event=True)
 
 
 def _frames(outgoing: list[bytes], seqs: list[int]) -> tuple[bytes, Marks]:
