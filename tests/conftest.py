@@ -32,6 +32,13 @@ def fresh_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def host_and_redis(fresh_redis: RedisServer) -> Iterator[tuple[RedisServer, Host]]:
+    """A one-worker host on a Redis of the test's own, for tests that break or pause it."""
+    with hosts(("solo", fresh_redis.url), workers=1) as (host,):
+        yield fresh_redis, host
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[list[Host]]:
     """Two hosts (two workers each) sharing one Redis: the smallest real cluster."""

@@ -3,29 +3,18 @@ history read that fails for a while is retried, not announced as a loss."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 
 from rtc import keys
 from tests.client import Client
-from tests.rtcproc import Host, RedisServer, start_host, start_redis, until
+from tests.rtcproc import Host, RedisServer, until
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOM = "fill-room"
-
-
-@pytest.fixture
-def host_and_redis() -> Iterator[tuple[RedisServer, Host]]:
-    redis = start_redis()
-    try:
-        host = start_host("fill", redis.url, workers=1)
-        yield redis, host
-        host.stop()
-    finally:
-        redis.stop()
 
 
 def sequence_silently(redis: RedisServer, room: str) -> int:

@@ -4,29 +4,17 @@ the others wait their turn and then complete."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import aiohttp
 import orjson
 import pytest
 
 from rtc.app import UPGRADES_IN_FLIGHT
-from tests.rtcproc import Host, RedisServer, start_host, start_redis, token, until
+from tests.rtcproc import Host, RedisServer, token, until
 
 pytestmark = pytest.mark.timeout(60)
 
 CLIENTS = UPGRADES_IN_FLIGHT + 24
-
-
-@pytest.fixture
-def host_and_redis() -> Iterator[tuple[RedisServer, Host]]:
-    redis = start_redis()
-    try:
-        host = start_host("cap", redis.url, workers=1)
-        yield redis, host
-        host.stop()
-    finally:
-        redis.stop()
 
 
 async def test_upgrades_past_the_cap_wait_their_turn_then_all_are_welcomed(
