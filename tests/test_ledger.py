@@ -95,7 +95,7 @@ class CutClient:
                     async with asyncio.timeout(None if self.finishing.is_set() else lifetime):
                         await self._read(sock, caught_up)
                 except TimeoutError:  # busy elsewhere, not reading: frames pile up, then the cut
-                    await asyncio.sleep(self.random.uniform(0.2, 0.8))
+                    await asyncio.sleep(self.random.uniform(0.2, 0.8))  # the busy reader under test
             finally:
                 sock.reset()
             if caught_up.is_set():
@@ -103,7 +103,7 @@ class CutClient:
             self.cuts += 1
             if self.cuts % 3 == 0 and not self.finishing.is_set():  # held away for seconds
                 self.held += 1
-                await asyncio.sleep(self.random.uniform(2.0, 3.0))
+                await asyncio.sleep(self.random.uniform(2.0, 3.0))  # the held cut under test
 
     async def _greet(self, sock: RawSocket) -> None:
         welcome = await sock.expect("welcome")

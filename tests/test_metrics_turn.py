@@ -23,10 +23,10 @@ async def test_a_turns_increments_are_written_together_at_its_end() -> None:
         counter.inc()
     counter.inc(2.5)
     assert sample(registry, "frames_total") == 0  # nothing written during the turn
-    await asyncio.sleep(0)  # the turn ends
+    await asyncio.sleep(0)  # the turn ends: the event under test, not a timed wait
     assert sample(registry, "frames_total") == 7.5
     counter.inc()
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the turn ends: the event under test, not a timed wait
     assert sample(registry, "frames_total") == 8.5
 
 
@@ -46,7 +46,7 @@ async def test_a_turns_observations_land_in_the_buckets_observe_would_use() -> N
         direct.labels("x").observe(amount)
         turn.observe(amount)
     assert sample(registry, "batched_count", op="x") == 0
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the turn ends: the event under test, not a timed wait
     for bound in ("0.001", "0.01", "0.1", "1.0", "+Inf"):
         expected = sample(registry, "direct_bucket", op="x", le=bound)
         assert sample(registry, "batched_bucket", op="x", le=bound) == expected, bound
