@@ -77,7 +77,7 @@ DEMO_ROOMS = ["demo.*"]  # plus the user's own inbox, which every token may read
 UPGRADES_IN_FLIGHT = 16
 
 
-_RECEIVED = metrics.TurnCounter(metrics.MESSAGES_RECEIVED)  # per frame: written once a turn
+_RECEIVED = metrics.BatchedCounter(metrics.MESSAGES_RECEIVED)  # per frame: written in batches
 
 
 def _fd_capacity() -> int:

@@ -79,12 +79,12 @@ class LocalRooms:
         self._pacer = EventPacer()
         self._deferred: dict[str, asyncio.TimerHandle] = {}  # rooms whose events wait
         self._worker = worker
-        # Per message: written to the metrics files once a loop turn.
-        self._fanout_received = metrics.TurnCounter(metrics.FANOUT_RECEIVED.labels(worker))
-        self._deliveries = metrics.TurnCounter(metrics.DELIVERIES.labels(worker))
-        self._sent = metrics.TurnCounter(metrics.MESSAGES_SENT)
-        self._fanout_size = metrics.TurnHistogram(metrics.FANOUT_SIZE)
-        self._publish_to_deliver = metrics.TurnHistogram(metrics.PUBLISH_TO_DELIVER)
+        # Per message: written to the metrics files together (`metrics.FLUSH_EVERY`).
+        self._fanout_received = metrics.BatchedCounter(metrics.FANOUT_RECEIVED.labels(worker))
+        self._deliveries = metrics.BatchedCounter(metrics.DELIVERIES.labels(worker))
+        self._sent = metrics.BatchedCounter(metrics.MESSAGES_SENT)
+        self._fanout_size = metrics.BatchedHistogram(metrics.FANOUT_SIZE)
+        self._publish_to_deliver = metrics.BatchedHistogram(metrics.PUBLISH_TO_DELIVER)
         self._rooms_gauge = metrics.ROOMS.labels(worker)
 
     def __contains__(self, name: str) -> bool:

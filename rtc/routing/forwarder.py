@@ -74,7 +74,7 @@ class Forwarder:
         self._forwards: dict[bytes, tuple[_Lane, _Entry]] = {}
         self._deadlines: deque[tuple[_Lane, _Entry]] = deque()  # in route order: deadline order
         self._next_rid = 0
-        self._forwarded = metrics.TurnCounter(metrics.FORWARDED.labels(worker))
+        self._forwarded = metrics.BatchedCounter(metrics.FORWARDED.labels(worker))
 
     def route(self, sender: Hashable, key: str, item: Unsequenced, reply: Reply) -> None:
         """Sequence `item` at the owner of `key`; `reply` gets its stamp or None, in time."""

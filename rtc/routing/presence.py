@@ -41,7 +41,7 @@ class Presence:
         self._tasks = tasks
         self._slot = slot
         self._max = presence_max
-        self._joins = metrics.TurnCounter(metrics.JOINS.labels(worker))
+        self._joins = metrics.BatchedCounter(metrics.JOINS.labels(worker))
         self._timers: set[asyncio.TimerHandle] = set()
         self._counts: dict[str, dict[str, int]] = {}  # room -> user -> this slot's connections
 

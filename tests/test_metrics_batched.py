@@ -1,4 +1,4 @@
-"""Hot metrics written once a loop turn: the same samples as writing each event, later."""
+"""Hot metrics written in batches: the same samples as writing each event, a little later."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from rtc.metrics import TurnCounter, TurnHistogram
+from rtc.metrics import FLUSH_EVERY, BatchedCounter, BatchedHistogram, flush_batched
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 AMOUNTS = [0.0005, 0.001, 0.002, 0.05, 0.1, 0.7, 3.0, 42.0, 0.01]
@@ -16,37 +16,46 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | Non
     return registry.get_sample_value(name, labels)
 
 
-async def test_a_turns_increments_are_written_together_at_its_end() -> None:
+async def test_increments_are_written_together_once_the_flush_delay_passed() -> None:
     registry = CollectorRegistry()
-    counter = TurnCounter(Counter("frames", "f", registry=registry))
+    counter = BatchedCounter(Counter("frames", "f", registry=registry))
     for _ in range(5):
         counter.inc()
     counter.inc(2.5)
-    assert sample(registry, "frames_total") == 0  # nothing written during the turn
-    await asyncio.sleep(0)  # the turn ends: the event under test, not a timed wait
+    await asyncio.sleep(0)
+    assert sample(registry, "frames_total") == 0  # a loop turn later, nothing written yet
+    await asyncio.sleep(FLUSH_EVERY * 1.5)  # the delay under test
     assert sample(registry, "frames_total") == 7.5
     counter.inc()
-    await asyncio.sleep(0)  # the turn ends: the event under test, not a timed wait
+    await asyncio.sleep(FLUSH_EVERY * 1.5)  # the delay under test
     assert sample(registry, "frames_total") == 8.5
+
+
+async def test_a_final_flush_writes_what_is_pending_at_once() -> None:
+    registry = CollectorRegistry()
+    counter = BatchedCounter(Counter("frames", "f", registry=registry))
+    counter.inc(4)
+    flush_batched()
+    assert sample(registry, "frames_total") == 4
 
 
 def test_without_a_loop_every_increment_is_written_at_once() -> None:
     registry = CollectorRegistry()
-    counter = TurnCounter(Counter("frames", "f", registry=registry))
+    counter = BatchedCounter(Counter("frames", "f", registry=registry))
     counter.inc(3)
     assert sample(registry, "frames_total") == 3
 
 
-async def test_a_turns_observations_land_in_the_buckets_observe_would_use() -> None:
+async def test_observations_land_in_the_buckets_observe_would_use() -> None:
     registry = CollectorRegistry()
     direct = Histogram("direct", "d", ["op"], buckets=BUCKETS, registry=registry)
     batched = Histogram("batched", "b", ["op"], buckets=BUCKETS, registry=registry)
-    turn = TurnHistogram(batched.labels("x"))
+    histogram = BatchedHistogram(batched.labels("x"))
     for amount in AMOUNTS:
         direct.labels("x").observe(amount)
-        turn.observe(amount)
+        histogram.observe(amount)
     assert sample(registry, "batched_count", op="x") == 0
-    await asyncio.sleep(0)  # the turn ends: the event under test, not a timed wait
+    flush_batched()
     for bound in ("0.001", "0.01", "0.1", "1.0", "+Inf"):
         expected = sample(registry, "direct_bucket", op="x", le=bound)
         assert sample(registry, "batched_bucket", op="x", le=bound) == expected, bound
