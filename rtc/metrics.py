@@ -210,6 +210,7 @@ class BatchedHistogram:
 
 
 _due: list[BatchedCounter | BatchedHistogram] = []
+_flush_loop: list[asyncio.AbstractEventLoop] = []  # the loop whose timer flushes `_due`
 
 
 def _schedule(metric: BatchedCounter | BatchedHistogram) -> bool:
@@ -220,7 +221,8 @@ def _schedule(metric: BatchedCounter | BatchedHistogram) -> bool:
     except RuntimeError:
         metric.flush()
         return False
-    if not _due:
+    if _flush_loop != [loop]:  # none pending, or pending on a loop that ended (tests)
+        _flush_loop[:] = [loop]
         loop.call_later(FLUSH_EVERY, flush_batched)
     _due.append(metric)
     return True
@@ -230,5 +232,6 @@ def flush_batched() -> None:
     """Write every batched metric's pending updates now (a stopping worker calls it last)."""
     due = _due[:]
     _due.clear()
+    _flush_loop.clear()
     for metric in due:
         metric.flush()

@@ -24,6 +24,8 @@ from typing import Any
 
 import jwt
 
+from rtc.metrics import FLUSH_EVERY
+
 SECRET = "rtc-test-secret-0123456789abcdef0123"
 RTC = [sys.executable, "-m", "rtc"]
 
@@ -77,6 +79,12 @@ def wait_for(predicate, timeout: float, what: Description, interval: float = 0.0
             return value
         time.sleep(interval)
     raise _timed_out(timeout, what)
+
+
+async def metrics_written() -> None:
+    """Hot metrics reach a scrape within `FLUSH_EVERY` of the event (a timer in each
+    worker, with nothing to await from outside): the documented lag, waited out twice."""
+    await asyncio.sleep(2 * FLUSH_EVERY)
 
 
 async def until(

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from tests.client import Client
-from tests.rtcproc import Host, hosts, start_redis, wait_for
+from tests.rtcproc import Host, hosts, metrics_written, start_redis, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,6 +69,7 @@ async def test_room_messages_reach_every_member_once_in_one_order(cluster: list[
         assert len(acks) == total and {a["seq"] for a in acks} == set(range(base, base + total))
 
         # every worker delivered; forwarding happened between slots
+        await metrics_written()
         for host in cluster:
             _, text = host.get("/metrics", {"Accept": "text/plain"})
             assert re.search(rb'^rtc_fanout_received_total\{worker="0"\} [1-9]', text, re.M)
@@ -119,6 +120,7 @@ async def test_idle_worker_receives_no_room_traffic(cluster: list[Host]) -> None
     a = await Client.connect(cluster[0].ws, "solo")
     try:
         await a.join("solo-room")
+        await metrics_written()  # what the earlier tests counted is in `before`
         before = {h.node_id: h.get("/metrics", {"Accept": "text/plain"})[1] for h in cluster}
         beta_total = sum(
             float(v) for v in re.findall(rb"^rtc_fanout_received_total\{[^}]*\} (\S+)$", before["beta"], re.M)
@@ -126,6 +128,7 @@ async def test_idle_worker_receives_no_room_traffic(cluster: list[Host]) -> None
         for n in range(5):
             await a.request("publish", "ack", room="solo-room", data=n)
         await a.wait_messages("solo-room", 5)
+        await metrics_written()
         after = cluster[1].get("/metrics", {"Accept": "text/plain"})[1]
         beta_after = sum(
             float(v) for v in re.findall(rb"^rtc_fanout_received_total\{[^}]*\} (\S+)$", after, re.M)

@@ -28,11 +28,10 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from rtc.metrics import FLUSH_EVERY
 from tests.client import Client
 from tests.promql_names import expand_grafana, exposed_names, metric_names
 from tests.proxies import require_program
-from tests.rtcproc import Host, hosts, settle_ring, start_redis
+from tests.rtcproc import Host, hosts, metrics_written, settle_ring, start_redis
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "ops" / "grafana" / "rtc.json"
@@ -107,12 +106,6 @@ def owned_by(host: Host, prefix: str) -> str:
     raise AssertionError(f"no room owned by {prefix}")
 
 
-async def settle_metrics() -> None:
-    """Hot metrics reach the scrape within `FLUSH_EVERY` of the event (a timer in each
-    worker, with nothing to await from outside): the documented lag, waited out twice."""
-    await asyncio.sleep(2 * FLUSH_EVERY)
-
-
 async def traffic(result: Scrapes) -> None:
     """Members on both hosts; a publisher on host B whose room is owned on host A, so each
     publish is forwarded; a frame that is not JSON; an upgrade with a bad token."""
@@ -127,7 +120,7 @@ async def traffic(result: Scrapes) -> None:
             await client.join(room)
         # sub-a sees the two later joins as presence events: the room's traffic so far
         await sub_a.wait_frames("presence", 2, room=room, event="join")
-        await settle_metrics()
+        await metrics_written()
         result.joined = [scrape(host) for host in result.hosts]
         for i in range(PUBLISHES):
             await pub.send(type="publish", room=room, data={"n": i}, id=i)
@@ -144,7 +137,7 @@ async def traffic(result: Scrapes) -> None:
             assert refused.value.status == 401
 
         result.connected = [1, 2]
-        await settle_metrics()
+        await metrics_written()
         for host in result.hosts:
             result.after.append(scrape(host))
             text = fetch(host, "/metrics", accept="text/plain")
