@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from itertools import chain
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -170,40 +171,54 @@ class _Pipeliner:
         self._redis = client
         self._round_trip = round_trip
         self._scripts = scripts
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        # Groups of commands, each with the future of its replies; `call` is a group of one.
+        self._queue: list[tuple[list[tuple[Any, ...]], asyncio.Future[Any], bool]] = []
         self._task: asyncio.Task[None] | None = None
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command for the next batch: its reply, or what Redis raised for it."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((args, future))
-        if self._task is None:
-            self._task = loop.create_task(self._run())
-        return future
+        return self._enqueue([args], single=True)
+
+    def call_many(self, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        """Queue commands for the next batch, answered together: each one's reply, or the
+        error Redis gave for it (returned, not raised; `checked` raises it)."""
+        return self._enqueue(commands, single=False)
 
     def script(
         self, script: AsyncScript, script_keys: Sequence[str], args: Sequence[Any]
     ) -> asyncio.Future[Any]:
         """Queue a script call (EVALSHA; a Redis that lost its scripts gets them again)."""
-        return self.call("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+        return self.call(*evalsha(script, script_keys, args))
+
+    def _enqueue(self, commands: list[tuple[Any, ...]], *, single: bool) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((commands, future, single))
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        return future
 
     async def _run(self) -> None:
         try:
             await asyncio.sleep(0)  # let this loop turn's commands join the batch
             while self._queue:
                 batch, self._queue = self._queue, []
+                commands = [args for group, _, _ in batch for args in group]
                 try:
-                    replies = await self._execute([args for args, _ in batch])
+                    replies = await self._execute(commands)
                 except Exception as exc:
-                    replies = [exc] * len(batch)
-                for (_, future), reply in zip(batch, replies, strict=True):
+                    replies = [exc] * len(commands)
+                start = 0
+                for group, future, single in batch:
+                    answers, start = replies[start : start + len(group)], start + len(group)
                     if future.done():  # its caller was cancelled
                         continue
-                    if isinstance(reply, Exception):
-                        future.set_exception(reply)
+                    if not single:
+                        future.set_result(answers)
+                    elif isinstance(answers[0], Exception):
+                        future.set_exception(answers[0])
                     else:
-                        future.set_result(reply)
+                        future.set_result(answers[0])
         finally:
             self._task = None
 
@@ -222,9 +237,22 @@ class _Pipeliner:
         """Stop; callers still waiting get an error instead of waiting forever."""
         await stop_task(self._task)
         queue, self._queue = self._queue, []
-        for _, future in queue:
+        for _, future, _ in queue:
             if not future.done():
                 future.set_exception(ConnectionError("broker closed"))
+
+
+def evalsha(script: AsyncScript, script_keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+    """The command that runs a registered script."""
+    return ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+
+
+def checked(replies: list[Any]) -> list[Any]:
+    """`call_many`'s replies, or the first error among them raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 class Subscriptions:
@@ -396,9 +424,9 @@ class RedisCore(ABC):
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
         """Publish in order (per channel); returns each message's receiver count."""
-        replies = [self._messages.call(self.PUBLISH, channel, payload) for channel, payload in messages]
+        replies = self._messages.call_many([(self.PUBLISH, channel, payload) for channel, payload in messages])
         with self._timed("publish"):
-            return [int(n) for n in await asyncio.gather(*replies)]
+            return [int(n) for n in checked(await replies)]
 
     async def _read(self, pubsub: PubSub, alive: Callable[[], bool]) -> None:
         """Dispatch what arrives on `pubsub` while `alive()`, with a PING watchdog."""
@@ -492,21 +520,18 @@ class RedisCore(ABC):
         rooms (`_groups`), each sequencing all of its rooms' batches."""
         script = self._scripts["SEQUENCE"]
         groups = self._groups(list(batches))
-        replies = [
-            self._messages.script(
-                script, *_sequence_call([(room, batches[room]) for room in group], history_size, ttl)
-            )
-            for group in groups
-        ]
+        replies = self._messages.call_many(
+            [
+                evalsha(script, *_sequence_call([(room, batches[room]) for room in group], history_size, ttl))
+                for group in groups
+            ]
+        )
         with self._timed("sequence"):
-            answers = await asyncio.gather(*replies, return_exceptions=True)
+            answers = await replies
         results: dict[str, Sequenced | Exception] = {}
         for group, answer in zip(groups, answers, strict=True):
             for index, room in enumerate(group):
-                if isinstance(answer, BaseException):
-                    results[room] = answer if isinstance(answer, Exception) else RuntimeError(answer)
-                else:
-                    results[room] = _sequenced(answer[index])
+                results[room] = answer if isinstance(answer, Exception) else _sequenced(answer[index])
         return results
 
     def _groups(self, rooms: list[str]) -> list[list[str]]:
@@ -596,29 +621,32 @@ class RedisCore(ABC):
         """
         if not rooms:
             return 0
-        replies = [
-            self._batch.script(
-                self._scripts["RESTATE"],
-                [keys.members(room, slot), keys.member_slots(room), keys.presence(room)],
-                [slot, ttl, *(item for pair in users.items() for item in pair)],
-            )
-            for room, users in rooms.items()
-        ]
+        replies = self._batch.call_many(
+            [
+                evalsha(
+                    self._scripts["RESTATE"],
+                    [keys.members(room, slot), keys.member_slots(room), keys.presence(room)],
+                    [slot, ttl, *chain.from_iterable(users.items())],
+                )
+                for room, users in rooms.items()
+            ]
+        )
         with self._timed("membership"):
-            return sum(await asyncio.gather(*replies))
+            return sum(checked(await replies))
 
     # -- sessions ------------------------------------------------------------------------------
 
     async def save_sessions(self, sessions: Mapping[str, Mapping[str, str]], ttl: int) -> None:
         if not sessions:
             return
-        replies: list[asyncio.Future[Any]] = []
+        commands: list[tuple[Any, ...]] = []
         for sid, fields in sessions.items():
             key = keys.session(sid)
-            replies.append(self._batch.call("HSET", key, *(item for pair in fields.items() for item in pair)))
-            replies.append(self._batch.call("EXPIRE", key, ttl))
+            commands.append(("HSET", key, *chain.from_iterable(fields.items())))
+            commands.append(("EXPIRE", key, ttl))
+        replies = self._batch.call_many(commands)
         with self._timed("session"):
-            await asyncio.gather(*replies)
+            checked(await replies)
 
     async def drop_session_rooms(self, sid: str, rooms: Sequence[str]) -> None:
         with self._timed("session"):
