@@ -278,7 +278,32 @@ def test_a_storm_of_joins_is_one_write_per_member_without_their_own_events() -> 
     for member in users:
         data, marks = write.for_member(member)
         assert [f["user"] for f in frames_of(data)] == [u.user for u in users if u != member]
-        assert len(marks) == 4 and marks[-1][0] == len(data)
+        assert marks == ((len(data), write.cursor),)  # claimed once all of it is out
+
+
+def test_a_users_variant_leaves_out_each_of_its_events_and_ends_at_the_last_frame_kept() -> None:
+    hub = live_hub()
+    alice, bob = User("alice"), User("bob")
+    for member in (alice, bob):
+        hub.hold(ROOM, member)
+        hub.release(ROOM, member)
+    hub.receive(ROOM, presence("alice"))
+    hub.receive(ROOM, payload(1))
+    hub.receive(ROOM, presence("bob"))
+    hub.receive(ROOM, payload(2))
+    hub.receive(ROOM, presence("alice"))
+    write = hub.flush(ROOM)
+    assert write is not None
+    data, marks = write.for_member(alice)
+    assert [(f["type"], f.get("user")) for f in frames_of(data)] == [
+        ("message", None),
+        ("presence", "bob"),
+        ("message", None),
+    ]
+    assert marks == ((len(data), 2),)
+    data, marks = write.for_member(bob)
+    assert [f["type"] for f in frames_of(data)] == ["presence", "message", "message", "presence"]
+    assert marks == ((len(data), 2),)
 
 
 def test_joins_between_events_write_nothing_until_the_turns_flush() -> None:

@@ -375,10 +375,7 @@ class Hub(Generic[M]):
             return None
         outgoing, seqs, subjects = room.outgoing, room.outgoing_seqs, room.outgoing_subjects
         data, marks = _frames(outgoing, seqs)
-        variants: dict[str, tuple[bytes, Marks]] = {}
-        for user in set(subjects.values()):
-            keep = [i for i in range(len(outgoing)) if subjects.get(i) != user]
-            variants[user] = _frames([outgoing[i] for i in keep], [seqs[i] for i in keep])
+        variants = _without_own_events(data, marks, subjects)
         self._hold_events(room)
         outgoing.clear()
         seqs.clear()
@@ -484,3 +481,31 @@ def _frames(outgoing: list[bytes], seqs: list[int]) -> tuple[bytes, Marks]:
     if not outgoing:
         return b"", ()
     return b"".join(outgoing), tuple(zip(accumulate(map(len, outgoing)), seqs, strict=True))
+
+
+def _without_own_events(data: bytes, marks: Marks, subjects: Mapping[int, str]) -> dict[str, tuple[bytes, Marks]]:
+    """Per subject user of the write's events (by frame index), the write without them.
+
+    Linear in the events: a storm's paced half-second may hold a hundred joins, each its
+    own subject, and rebuilding the write frame by frame per subject was quadratic (16 % of
+    a worker in a resume storm). A variant's one mark is its end: a checkpoint claims its
+    frames once all of it left the buffer, coarser than per frame, never ahead.
+    """
+    mine: dict[str, list[int]] = {}
+    for index, user in subjects.items():  # in frame order: events are queued in order
+        mine.setdefault(user, []).append(index)
+    variants: dict[str, tuple[bytes, Marks]] = {}
+    for user, indexes in mine.items():
+        pieces, start = [], 0
+        for index in indexes:
+            pieces.append(data[start : marks[index - 1][0] if index else 0])
+            start = marks[index][0]
+        pieces.append(data[start:])
+        kept = b"".join(pieces)
+        last = len(marks) - 1
+        for index in reversed(indexes):  # the last frame kept brings the variant's seq
+            if index != last:
+                break
+            last -= 1
+        variants[user] = (kept, ((len(kept), marks[last][1]),)) if kept else (b"", ())
+    return variants
