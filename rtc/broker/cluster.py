@@ -51,15 +51,23 @@ class _Shard:
         self.pubsub = client.pubsub()
         self.channels: set[bytes] = set()
         self.reader: asyncio.Task[None] | None = None
-        self.subscriptions = Subscriptions(self._ssubscribe)
+        self.subscriptions = Subscriptions(self._ssubscribe, self._sunsubscribe)
 
     async def _ssubscribe(self, names: list[bytes]) -> None:
-        """One SSUBSCRIBE per hash slot: Redis refuses one naming channels of several."""
-        by_slot: dict[int, list[bytes]] = {}
-        for name in names:
-            by_slot.setdefault(key_slot(name), []).append(name)
-        for group in by_slot.values():
+        for group in _by_slot(names):
             await self.pubsub.ssubscribe(*group)
+
+    async def _sunsubscribe(self, names: list[bytes]) -> None:
+        for group in _by_slot(names):
+            await self.pubsub.sunsubscribe(*group)
+
+
+def _by_slot(names: list[bytes]) -> list[list[bytes]]:
+    """Channels grouped by hash slot: Redis refuses an SSUBSCRIBE naming channels of several."""
+    by_slot: dict[int, list[bytes]] = {}
+    for name in names:
+        by_slot.setdefault(key_slot(name), []).append(name)
+    return list(by_slot.values())
 
 
 class ClusterBroker(RedisCore):
@@ -132,7 +140,7 @@ class ClusterBroker(RedisCore):
                 waiter.set_result(None)
             return
         shard.channels.discard(name)
-        await shard.pubsub.sunsubscribe(name)
+        await shard.subscriptions.remove(name)
 
     def _owner(self, name: bytes) -> ClusterNode:
         """The primary serving the channel's slot, as the cached topology has it."""

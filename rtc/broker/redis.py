@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from itertools import chain
+from itertools import chain, groupby
+from operator import itemgetter
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -256,39 +257,53 @@ def checked(replies: list[Any]) -> list[Any]:
 
 
 class Subscriptions:
-    """Channels to subscribe, sent in batches, one batch at a time.
+    """Channels to (un)subscribe, sent in batches in the order asked, one batch at a time.
 
-    A connect storm subscribes an inbox per connection: one SUBSCRIBE for all the
-    channels of a loop turn is one write instead of hundreds. One at a time also keeps a
+    A connect storm subscribes an inbox per connection, and the idle sweep after a mass
+    disconnect unsubscribes thousands: one SUBSCRIBE (or UNSUBSCRIBE) for all the channels
+    of a loop turn is one write instead of thousands. One queue for both keeps a channel
+    unsubscribed and subscribed again in that order. One batch at a time also keeps a
     fresh pub/sub connection from being opened twice by concurrent first subscriptions
     (redis-py's PubSub would keep only the second, and the first's confirmations would
     never be read).
     """
 
-    def __init__(self, send: Callable[[list[bytes]], Awaitable[Any]]) -> None:
-        self._send = send
-        self._pending: list[bytes] = []
+    def __init__(
+        self,
+        subscribe: Callable[[list[bytes]], Awaitable[Any]],
+        unsubscribe: Callable[[list[bytes]], Awaitable[Any]],
+    ) -> None:
+        self._send = {True: subscribe, False: unsubscribe}
+        self._pending: list[tuple[bool, bytes]] = []  # (subscribe?, channel), in the order asked
         self._next: asyncio.Future[None] | None = None  # done when `_pending` was sent
         self._task: asyncio.Task[None] | None = None
 
     async def add(self, name: bytes) -> None:
         """Send the subscription of `name` (with others of this turn); raises if sending failed."""
+        await self._queue(True, name)
+
+    async def remove(self, name: bytes) -> None:
+        """Send the end of the subscription of `name` (with others of this turn)."""
+        await self._queue(False, name)
+
+    async def _queue(self, subscribe: bool, name: bytes) -> None:
         loop = asyncio.get_running_loop()
         if self._next is None:
             self._next = loop.create_future()
             if self._task is None:
                 self._task = loop.create_task(self._run())
-        self._pending.append(name)
+        self._pending.append((subscribe, name))
         await asyncio.shield(self._next)
 
     async def _run(self) -> None:
         try:
             await asyncio.sleep(0)  # let this loop turn's subscriptions join
             while self._next is not None:
-                names, sent = self._pending, self._next
+                pending, sent = self._pending, self._next
                 self._pending, self._next = [], None
                 try:
-                    await self._send(names)
+                    for subscribe, run in groupby(pending, key=itemgetter(0)):
+                        await self._send[subscribe]([name for _, name in run])
                 except Exception as exc:
                     sent.set_exception(exc)
                     sent.exception()  # retrieved: its callers may all have given up
@@ -686,7 +701,9 @@ class RedisBroker(RedisCore):
         super().__init__(self._server, handler, worker)
         self._pubsub = self._server.pubsub()
         self._reader: asyncio.Task[None] | None = None
-        self._subscriptions = Subscriptions(lambda names: self._pubsub.subscribe(*names))
+        self._subscriptions = Subscriptions(
+            lambda names: self._pubsub.subscribe(*names), lambda names: self._pubsub.unsubscribe(*names)
+        )
 
     async def start(self) -> None:
         await self._ping()
@@ -711,7 +728,7 @@ class RedisBroker(RedisCore):
         await self._subscriptions.add(name)
 
     async def _unlisten(self, name: bytes) -> None:
-        await self._pubsub.unsubscribe(name)
+        await self._subscriptions.remove(name)
 
     async def _lost(self) -> None:
         """Nothing to re-route: the one server's connection comes back on the next read."""

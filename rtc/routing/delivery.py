@@ -140,7 +140,9 @@ class LocalRooms:
         self._rooms_gauge.set(len(self._subscriptions))
 
     async def close_idle(self, now: float) -> None:
-        """Unsubscribe from rooms that had no member for `IDLE_SECONDS`."""
+        """Unsubscribe from rooms that had no member for `IDLE_SECONDS`, all at once (after
+        a mass disconnect, thousands of inboxes: the broker batches them)."""
+        idle: list[str] = []
         for name, sub in list(self._subscriptions.items()):
             room = self.hub.rooms.get(name)
             if room is None:
@@ -151,7 +153,8 @@ class LocalRooms:
                 sub.idle_since = now
             elif now - sub.idle_since > IDLE_SECONDS:
                 self._forget(name)
-                await self._subscriber.unsubscribe(keys.room_channel(name))
+                idle.append(keys.room_channel(name))
+        await asyncio.gather(*map(self._subscriber.unsubscribe, idle))
 
     def member_rooms(self) -> list[str]:
         """Rooms (not inboxes) with local members: their membership keys need refreshing."""
