@@ -63,6 +63,11 @@ class WorkerSpec:
 class _AccessLogger(AbstractAccessLogger):
     """Access log without secrets: the query string has `token=` redacted."""
 
+    @property
+    def enabled(self) -> bool:
+        """aiohttp skips `log` when False: below debug level, closing a socket builds no line."""
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
             '%s "%s %s" %s %.3fs',

@@ -139,6 +139,10 @@ async def test_sequenced_frames_fan_out_over_sharded_channels(
     assert await received(recorder, 3) == {inbox.encode(): [b"f1", b"f2"], control.encode(): [b"drain"]}
     await b.unsubscribe(inbox)
     assert await a.publish_many([(inbox, b"late")]) == [0]
+    # channels on every node and many slots end together (one SUNSUBSCRIBE per slot)
+    channels = [keys.room_channel(room) for room in rooms]
+    await b.unsubscribe(*channels)
+    assert await a.publish_many([(channel, b"late") for channel in channels]) == [0] * len(channels)
 
 
 async def test_a_storm_of_first_subscriptions_is_confirmed_on_every_node(

@@ -132,15 +132,18 @@ class ClusterBroker(RedisCore):
             shard.channels.discard(name)
             raise
 
-    async def _unlisten(self, name: bytes) -> None:
-        shard = self._shards.get(self._home.pop(name, ""))
-        if shard is None:  # not subscribed anywhere (its node is gone): nothing to confirm
-            waiter = self._leaving.pop(name, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            return
-        shard.channels.discard(name)
-        await shard.subscriptions.remove(name)
+    async def _unlisten(self, names: list[bytes]) -> None:
+        by_shard: dict[_Shard, list[bytes]] = {}
+        for name in names:
+            shard = self._shards.get(self._home.pop(name, ""))
+            if shard is None:  # not subscribed anywhere (its node is gone): nothing to confirm
+                waiter = self._leaving.pop(name, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                continue
+            shard.channels.discard(name)
+            by_shard.setdefault(shard, []).append(name)
+        await asyncio.gather(*(shard.subscriptions.remove(group) for shard, group in by_shard.items()))
 
     def _owner(self, name: bytes) -> ClusterNode:
         """The primary serving the channel's slot, as the cached topology has it."""

@@ -280,19 +280,19 @@ class Subscriptions:
 
     async def add(self, name: bytes) -> None:
         """Send the subscription of `name` (with others of this turn); raises if sending failed."""
-        await self._queue(True, name)
+        await self._queue(True, [name])
 
-    async def remove(self, name: bytes) -> None:
-        """Send the end of the subscription of `name` (with others of this turn)."""
-        await self._queue(False, name)
+    async def remove(self, names: list[bytes]) -> None:
+        """Send the end of the subscriptions of `names` (with others of this turn)."""
+        await self._queue(False, names)
 
-    async def _queue(self, subscribe: bool, name: bytes) -> None:
+    async def _queue(self, subscribe: bool, names: list[bytes]) -> None:
         loop = asyncio.get_running_loop()
         if self._next is None:
             self._next = loop.create_future()
             if self._task is None:
                 self._task = loop.create_task(self._run())
-        self._pending.append((subscribe, name))
+        self._pending.extend((subscribe, name) for name in names)
         await asyncio.shield(self._next)
 
     async def _run(self) -> None:
@@ -358,8 +358,8 @@ class RedisCore(ABC):
         """Send the subscription of `name`; its confirmation arrives through a reader."""
 
     @abstractmethod
-    async def _unlisten(self, name: bytes) -> None:
-        """Send the end of the subscription of `name`."""
+    async def _unlisten(self, names: list[bytes]) -> None:
+        """Send the end of the subscriptions of `names`."""
 
     @abstractmethod
     async def _lost(self) -> None:
@@ -426,16 +426,21 @@ class RedisCore(ABC):
                 raise
         await asyncio.wait_for(asyncio.shield(waiter), _TIMEOUT)
 
-    async def unsubscribe(self, channel: str) -> None:
-        """Unsubscribe and wait for Redis to confirm: nothing more arrives on `channel`."""
-        name = channel.encode()
-        self._waiters.pop(name, None)
-        self._confirmed.discard(name)
-        waiter = self._leaving[name] = asyncio.get_running_loop().create_future()
+    async def unsubscribe(self, *channels: str) -> None:
+        """Unsubscribe (in one command per node) and wait for Redis to confirm: nothing more
+        arrives on `channels`."""
+        names = [channel.encode() for channel in channels]
+        loop = asyncio.get_running_loop()
+        waiters: list[asyncio.Future[None]] = []
+        for name in names:
+            self._waiters.pop(name, None)
+            self._confirmed.discard(name)
+            waiters.append(loop.create_future())
+            self._leaving[name] = waiters[-1]
         with self._timed("subscribe"):
-            await self._unlisten(name)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter, _TIMEOUT)
+            await self._unlisten(names)
+        if waiters:
+            await asyncio.wait(waiters, timeout=_TIMEOUT)
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
         """Publish in order (per channel); returns each message's receiver count."""
@@ -727,8 +732,8 @@ class RedisBroker(RedisCore):
     async def _listen(self, name: bytes) -> None:
         await self._subscriptions.add(name)
 
-    async def _unlisten(self, name: bytes) -> None:
-        await self._subscriptions.remove(name)
+    async def _unlisten(self, names: list[bytes]) -> None:
+        await self._subscriptions.remove(names)
 
     async def _lost(self) -> None:
         """Nothing to re-route: the one server's connection comes back on the next read."""

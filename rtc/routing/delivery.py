@@ -154,7 +154,8 @@ class LocalRooms:
             elif now - sub.idle_since > IDLE_SECONDS:
                 self._forget(name)
                 idle.append(keys.room_channel(name))
-        await asyncio.gather(*map(self._subscriber.unsubscribe, idle))
+        if idle:
+            await self._subscriber.unsubscribe(*idle)
 
     def member_rooms(self) -> list[str]:
         """Rooms (not inboxes) with local members: their membership keys need refreshing."""
