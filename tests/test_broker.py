@@ -227,6 +227,16 @@ async def test_a_burst_of_channel_messages_arrives_complete_and_in_order(
     assert got == [(c.encode(), payload) for c, payload in sent]
 
 
+async def test_a_killed_command_connection_is_reconnected_and_the_batch_sent_again(
+    broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
+) -> None:
+    b, _ = broker
+    await b.save_sessions({"s1": {"user": "carol"}}, 60)
+    assert int(fresh_redis.cli("CLIENT", "KILL", "TYPE", "normal")) >= 1  # both lanes' connections (not pub/sub)
+    assert await b.load_session("s1") == {"user": "carol"}
+    assert await b.publish_many([(keys.room_channel("nobody"), b"x")]) == [0]
+
+
 async def test_unsubscriptions_are_one_command_and_keep_their_order_with_subscriptions(
     broker: tuple[RedisBroker, Recorder], fresh_redis: RedisServer
 ) -> None:

@@ -34,7 +34,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.typing import EncodableT, FieldT
 
 from rtc import keys, metrics
@@ -118,11 +119,11 @@ class _OwnConnection:
 
     redis-py's pipeline costs a pool checkout, a retry wrapper and Python packing per
     batch, and a timeout and a call chain per reply: a fifth of a worker's time routing
-    directs. Here a batch is one hiredis-packed write and its replies are taken from
-    hiredis's buffer, awaiting the socket (with redis-py's timeout) only when the buffer
-    runs out. Replies get redis-py's response callbacks, so they read the same as through
-    its pipeline. A lost connection is reconnected and the batch sent again, as redis-py's
-    retry does for its pipeline.
+    directs. Here a batch is one hiredis-packed write, and its replies are taken from
+    hiredis's buffer, reading the socket only when the buffer runs out, all within one
+    timeout (the connection's socket timeout). Replies get redis-py's response callbacks,
+    so they read the same as through its pipeline. A lost connection is reconnected and
+    the batch sent again, as redis-py's retry does for its pipeline.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
@@ -138,22 +139,29 @@ class _OwnConnection:
         )
 
     async def _round_trip(self, connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
-        await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)), check_health=False)
-        reader = getattr(connection._parser, "_reader", None)  # hiredis's, a dependency
+        if not connection.is_connected:
+            await connection.connect()
+        parser = connection._parser
+        reader = parser._reader  # type: ignore[attr-defined]  # hiredis's: a dependency
         callbacks = self._client.response_callbacks
         replies: list[Any] = []
-        for args in commands:
-            reply = reader.gets() if reader is not None else NOT_ENOUGH_DATA
-            if reply is NOT_ENOUGH_DATA:
-                try:
-                    reply = await connection.read_response()
-                except ResponseError as exc:
-                    reply = exc
-            if args[0] in callbacks and not isinstance(reply, Exception):
-                reply = callbacks[args[0]](reply)
-            replies.append(reply)
+        try:
+            async with asyncio.timeout(connection.socket_timeout):
+                connection._writer.write(b"".join(map(hiredis.pack_command, commands)))
+                await connection._writer.drain()
+                for args in commands:
+                    while (reply := reader.gets()) is NOT_ENOUGH_DATA:
+                        await parser.read_from_socket()  # type: ignore[attr-defined]
+                    if args[0] in callbacks and not isinstance(reply, Exception):
+                        reply = callbacks[args[0]](reply)
+                    replies.append(reply)
+        except OSError as exc:  # reset, refused: retried like redis-py's own connection errors
+            await connection.disconnect()
+            raise RedisConnectionError(f"Redis connection lost: {exc}") from exc
+        except BaseException:  # replies may be half read: the next round trip reconnects
+            await connection.disconnect()
+            raise
         return replies
-
 
 
 class _Pipeliner:
