@@ -232,7 +232,9 @@ async def test_a_killed_command_connection_is_reconnected_and_the_batch_sent_aga
 ) -> None:
     b, _ = broker
     await b.save_sessions({"s1": {"user": "carol"}}, 60)
-    assert int(fresh_redis.cli("CLIENT", "KILL", "TYPE", "normal")) >= 1  # both lanes' connections (not pub/sub)
+    assert (
+        int(fresh_redis.cli("CLIENT", "KILL", "TYPE", "normal")) >= 1
+    )  # both lanes' connections (not pub/sub)
     assert await b.load_session("s1") == {"user": "carol"}
     assert await b.publish_many([(keys.room_channel("nobody"), b"x")]) == [0]
 

@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from itertools import chain, groupby
-from operator import itemgetter
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from itertools import chain, groupby
+from operator import itemgetter
 from typing import Any, ClassVar
 
 import hiredis
@@ -29,8 +29,8 @@ import redis.asyncio as aioredis
 from redis._parsers.hiredis import NOT_ENOUGH_DATA  # hiredis's "no complete reply yet"
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.client import PubSub
-from redis.asyncio.connection import Connection
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
@@ -132,7 +132,7 @@ class _OwnConnection:
 
     async def __call__(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         if self._connection is None:
-            self._connection = await self._client.connection_pool.get_connection()
+            self._connection = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         connection = self._connection
         return await connection.retry.call_with_retry(
             lambda: self._round_trip(connection, commands), lambda _: connection.disconnect()
@@ -140,22 +140,24 @@ class _OwnConnection:
 
     async def _round_trip(self, connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
         if not connection.is_connected:
-            await connection.connect()
+            await connection.connect()  # type: ignore[no-untyped-call]
+        writer = connection._writer
+        assert writer is not None  # connected
         parser = connection._parser
         reader = parser._reader  # type: ignore[attr-defined]  # hiredis's: a dependency
         callbacks = self._client.response_callbacks
         replies: list[Any] = []
         try:
             async with asyncio.timeout(connection.socket_timeout):
-                connection._writer.write(b"".join(map(hiredis.pack_command, commands)))
-                await connection._writer.drain()
+                writer.write(b"".join(map(hiredis.pack_command, commands)))
+                await writer.drain()
                 for args in commands:
                     while (reply := reader.gets()) is NOT_ENOUGH_DATA:
                         await parser.read_from_socket()  # type: ignore[attr-defined]
                     if args[0] in callbacks and not isinstance(reply, Exception):
                         reply = callbacks[args[0]](reply)
                     replies.append(reply)
-        except OSError as exc:  # reset, refused: retried like redis-py's own connection errors
+        except OSError as exc:  # reset, refused, timed out: retried as redis-py retries them
             await connection.disconnect()
             raise RedisConnectionError(f"Redis connection lost: {exc}") from exc
         except BaseException:  # replies may be half read: the next round trip reconnects
@@ -452,7 +454,9 @@ class RedisCore(ABC):
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[int]:
         """Publish in order (per channel); returns each message's receiver count."""
-        replies = self._messages.call_many([(self.PUBLISH, channel, payload) for channel, payload in messages])
+        replies = self._messages.call_many(
+            [(self.PUBLISH, channel, payload) for channel, payload in messages]
+        )
         with self._timed("publish"):
             return [int(n) for n in checked(await replies)]
 

@@ -483,7 +483,9 @@ def _frames(outgoing: list[bytes], seqs: list[int]) -> tuple[bytes, Marks]:
     return b"".join(outgoing), tuple(zip(accumulate(map(len, outgoing)), seqs, strict=True))
 
 
-def _without_own_events(data: bytes, marks: Marks, subjects: Mapping[int, str]) -> dict[str, tuple[bytes, Marks]]:
+def _without_own_events(
+    data: bytes, marks: Marks, subjects: Mapping[int, str]
+) -> dict[str, tuple[bytes, Marks]]:
     """Per subject user of the write's events (by frame index), the write without them.
 
     Linear in the events: a storm's paced half-second may hold a hundred joins, each its
