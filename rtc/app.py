@@ -386,6 +386,7 @@ async def _rejoin(
         elif since is None:  # not in the session (the inbox only): from where `attach` began
             since = conn.checkpoint.delivered.get(room)
         await _run(state, conn, Join(room, since, epoch))
+    state.node.sessions.rejoined(conn)
     return first is None or await _dispatch(state, conn, first)
 
 

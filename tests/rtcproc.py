@@ -120,6 +120,14 @@ class RedisServer:
             ["redis-cli", "-p", str(self.port), *args], check=True, capture_output=True, text=True
         ).stdout
 
+    def calls(self) -> dict[str, int]:
+        """Calls per command the server has run (INFO commandstats)."""
+        stats = [line for line in self.cli("INFO", "commandstats").split() if "calls=" in line]
+        return {
+            line.split(":")[0].removeprefix("cmdstat_"): int(line.split("calls=")[1].split(",")[0])
+            for line in stats
+        }
+
     def stop(self) -> None:
         stop_process(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -194,7 +194,7 @@ async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
     awaited in between) still runs after it: the counts come out as issued."""
     b, _ = broker
     await b.leave("warm", "h:0", "carol", 0, 15)  # a fresh Redis refuses the first EVALSHA: scripts load
-    before = _calls(fresh_redis)
+    before = fresh_redis.calls()
     results = await asyncio.gather(
         b.join("o", "h:0", "carol", b"j", 0, 15),
         b.leave("o", "h:0", "carol", 0, 15),
@@ -206,7 +206,7 @@ async def test_commands_issued_together_run_in_issue_order_and_nothing_more(
     assert results[4] == {"user": "carol"}
     assert fresh_redis.cli("HGET", keys.members("o", "h:0"), "carol").strip() == "1"
     # Exactly the commands asked for (a script's own commands count too, so not those).
-    after = _calls(fresh_redis)
+    after = fresh_redis.calls()
     assert {c: after[c] - before.get(c, 0) for c in ("evalsha", "hset", "hgetall")} == {
         "evalsha": 3,
         "hset": 2,
@@ -247,21 +247,12 @@ async def test_unsubscriptions_are_one_command_and_keep_their_order_with_subscri
     b, recorder = broker
     channels = [keys.room_channel(f"idle-{n}") for n in range(300)]
     await asyncio.gather(*map(b.subscribe, channels))
-    before = _calls(fresh_redis)
+    before = fresh_redis.calls()
     await asyncio.gather(b.unsubscribe(*channels), b.subscribe(channels[7]))
-    assert _calls(fresh_redis)["unsubscribe"] - before.get("unsubscribe", 0) == 1
+    assert fresh_redis.calls()["unsubscribe"] - before.get("unsubscribe", 0) == 1
     assert fresh_redis.cli("PUBSUB", "CHANNELS", "*idle-*").split() == [channels[7]]
     assert await b.publish_many([(channels[7], b"still here")]) == [1]
     assert await asyncio.wait_for(recorder.messages.get(), 5) == (channels[7].encode(), b"still here")
-
-
-def _calls(server: RedisServer) -> dict[str, int]:
-    """Calls per command the server has run (INFO commandstats)."""
-    stats = [line for line in server.cli("INFO", "commandstats").split() if "calls=" in line]
-    return {
-        line.split(":")[0].removeprefix("cmdstat_"): int(line.split("calls=")[1].split(",")[0])
-        for line in stats
-    }
 
 
 async def test_ring_heartbeats_and_duplicate_slot(broker: tuple[RedisBroker, Recorder]) -> None:
@@ -305,10 +296,10 @@ async def test_many_rooms_sequence_in_one_script_call_even_after_a_script_flush(
     }
     # On one server, one script call sequences every room of the turn (and the dedup keys
     # of each room stay with it: a retried id gets its earlier seq back).
-    before = _calls(fresh_redis)
+    before = fresh_redis.calls()
     retried = {room: [item(room, "c", dedup="x"), item(room, "d")] for room in batches}
     third = await b.sequence_many(retried, 1000, 60)
-    assert _calls(fresh_redis)["evalsha"] - before["evalsha"] == 1
+    assert fresh_redis.calls()["evalsha"] - before["evalsha"] == 1
     assert {room: r.seqs for room, r in third.items() if not isinstance(r, Exception)} == {
         room: [5, 6] for room in batches
     }

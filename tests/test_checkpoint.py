@@ -97,3 +97,24 @@ def test_a_left_room_leaves_nothing_behind() -> None:
     cp.settle(0)
     assert cp.delivered == {} and cp.changes(0) == {} and cp.changes(0, final=True) == {}
     assert not any(getattr(cp, slot) for slot in ("_marks", "_ripe", "_saved"))
+
+
+def test_a_stored_join_is_not_claimed_again_but_what_follows_is() -> None:
+    cp = Checkpoint()
+    cp.start("r", 4)
+    cp.stored("r", 4)  # the join wrote 4
+    assert cp.changes(0) == {}
+    write(cp, "r", 5, 100, buffered=0)
+    cp.changes(0)
+    assert cp.changes(0) == {"r": 5}
+
+
+def test_a_checkpoint_written_while_the_join_was_stored_is_kept() -> None:
+    cp = Checkpoint()
+    cp.start("r", 4)
+    write(cp, "r", 6, 100, buffered=0)
+    assert cp.changes(0) == {"r": 4}  # a periodic checkpoint, while the join's write is out
+    cp.stored("r", 4)
+    assert cp.changes(0) == {"r": 6}
+    cp.stored("r", 2)  # a stale answer changes nothing
+    assert cp.changes(0) == {}

@@ -187,6 +187,60 @@ async def test_a_seconds_checkpoints_go_out_in_even_slices_each_connection_once(
         await broker.close()
 
 
+async def test_a_rejoin_where_the_session_stands_writes_nothing_then_or_at_the_next_checkpoint(
+    fresh_redis: RedisServer,
+) -> None:
+    """A resume storm rewrote every rejoined room's checkpoint, unchanged, twice: at the
+    join and at the next periodic checkpoint. A room rejoined elsewhere is written once."""
+    broker = RedisBroker(fresh_redis.url, _NoChannels(), "0")
+    await broker.start()
+    try:
+        sessions = Sessions(broker, lambda room: "e1", ttl=60)
+        await broker.save_sessions({"s1": {"user": "u", "r:room": "7:e1", "r:other": "3:e1"}}, 60)
+        conn = _Idle("fresh")
+        sessions.track(conn)  # type: ignore[arg-type]
+        rejoin = await sessions.open(conn, "s1")  # type: ignore[arg-type]
+        assert conn.session == "s1" and rejoin is not None and ("room", 7, "e1") in rejoin
+        before = fresh_redis.calls()["hset"]
+        await sessions.joined(conn, "room", 7, "e1")  # type: ignore[arg-type]
+        await sessions.joined(conn, "other", 5, "e1")  # type: ignore[arg-type]
+        sessions.rejoined(conn)  # type: ignore[arg-type]
+        for index in range(CHECKPOINT_SLICES):
+            await sessions.save_slice(index)
+        assert fresh_redis.calls()["hset"] - before == 1
+        saved = fresh_redis.cli("HGETALL", keys.session("s1")).split()
+        assert dict(zip(saved[::2], saved[1::2], strict=True)) == {
+            "user": "u",
+            "r:room": "7:e1",
+            "r:other": "5:e1",
+        }
+    finally:
+        await broker.close()
+
+
+async def test_a_checkpoint_written_before_the_rejoin_is_not_taken_for_the_session_read(
+    fresh_redis: RedisServer,
+) -> None:
+    """The inbox is checkpointed from the moment the connection attaches: once that wrote
+    it, the rejoin must write where it starts, though the session read said the same."""
+    broker = RedisBroker(fresh_redis.url, _NoChannels(), "0")
+    await broker.start()
+    try:
+        sessions = Sessions(broker, lambda room: "e1", ttl=60)
+        await broker.save_sessions({"s1": {"user": "u", "r:@u": "4:e1"}}, 60)
+        conn = _Idle("fresh")
+        sessions.track(conn)  # type: ignore[arg-type]
+        await sessions.open(conn, "s1")  # type: ignore[arg-type]
+        conn.checkpoint.start("@u", 9)  # attached at the inbox's live position
+        for index in range(CHECKPOINT_SLICES):
+            await sessions.save_slice(index)  # a periodic checkpoint writes 9
+        assert fresh_redis.cli("HGET", keys.session("s1"), "r:@u").strip() == "9:e1"
+        await sessions.joined(conn, "@u", 4, "e1")  # type: ignore[arg-type]
+        assert fresh_redis.cli("HGET", keys.session("s1"), "r:@u").strip() == "4:e1"
+    finally:
+        await broker.close()
+
+
 class _NoChannels:
     def on_channel_message(self, channel: bytes, payload: bytes) -> None:
         raise AssertionError("no subscription was made")

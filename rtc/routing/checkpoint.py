@@ -45,6 +45,13 @@ class Checkpoint:
         """The room was joined (or rejoined) with `seq` as its starting checkpoint."""
         self._forget_marks(room)
         self.delivered[room] = self._ripe[room] = seq
+        self._saved.pop(room, None)
+
+    def stored(self, room: str, seq: int) -> None:
+        """The session store holds `seq` for `room` (a join wrote it): no checkpoint need
+        write it again. One written meanwhile knows better, and is kept."""
+        if room in self.delivered:
+            self._saved.setdefault(room, seq)
 
     def forget(self, room: str) -> None:
         self._forget_marks(room)

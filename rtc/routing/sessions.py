@@ -38,6 +38,10 @@ class Sessions:
         self._slices: list[set[Connection]] = [set() for _ in range(CHECKPOINT_SLICES)]
         self._slice_of: dict[Connection, int] = {}
         self._next_slice = 0
+        # A resuming connection's room fields as read from Redis, until its rejoin is over
+        # (each dropped once anything else writes it): a rejoin that starts where the
+        # session says need not write it again.
+        self._loaded: dict[Connection, dict[str, str]] = {}
 
     def track(self, conn: Connection) -> None:
         """Checkpoint `conn` from now on; slices are dealt round robin, so they stay even."""
@@ -47,6 +51,7 @@ class Sessions:
         self._slices[index].add(conn)
 
     def untrack(self, conn: Connection) -> None:
+        self._loaded.pop(conn, None)
         index = self._slice_of.pop(conn, None)
         if index is not None:
             self._slices[index].discard(conn)
@@ -69,17 +74,34 @@ class Sessions:
                         seq, _, epoch = value.partition(":")
                         rooms[name[2:]] = (name[2:], int(seq), epoch)
                 rejoin = list(rooms.values())  # the inbox first: it was inserted first
+                self._loaded[conn] = {name: value for name, value in saved.items() if name.startswith("r:")}
         await self._store.save_sessions({conn.session: {"user": conn.user}}, self._ttl)
         return rejoin
 
     async def joined(self, conn: Connection, room: str, seq: int, epoch: str) -> None:
-        """The session knows the room at once, with `seq` as its checkpoint."""
+        """The session knows the room at once, with `seq` as its checkpoint (a rejoin
+        from where the session already says writes nothing)."""
         conn.checkpoint.start(room, seq)
-        await self._store.save_sessions({conn.session: {f"r:{room}": f"{seq}:{epoch}"}}, self._ttl)
+        field, value = f"r:{room}", f"{seq}:{epoch}"
+        loaded = self._loaded.get(conn)
+        if loaded is None or loaded.pop(field, None) != value:
+            await self._store.save_sessions({conn.session: {field: value}}, self._ttl)
+        conn.checkpoint.stored(room, seq)  # the next periodic checkpoint need not repeat it
+
+    def rejoined(self, conn: Connection) -> None:
+        """The resumed session's rooms are rejoined: what was read is no longer needed."""
+        self._loaded.pop(conn, None)
 
     async def left(self, conn: Connection, room: str) -> None:
         conn.checkpoint.forget(room)
+        self._forget_loaded(conn, [f"r:{room}"])
         await self._store.drop_session_rooms(conn.session, [room])
+
+    def _forget_loaded(self, conn: Connection, fields: Iterable[str]) -> None:
+        loaded = self._loaded.get(conn)
+        if loaded is not None:
+            for field in fields:
+                loaded.pop(field, None)
 
     def changes(self, conns: Iterable[Connection], *, final: bool = False) -> dict[str, dict[str, str]]:
         """Session fields that changed: `r:<room>` -> `<seq>:<epoch>` per connection."""
@@ -93,6 +115,7 @@ class Sessions:
                     changed[f"r:{room}"] = f"{seq}:{epoch}"
             if changed:
                 sessions[conn.session] = {"user": conn.user, **changed}
+                self._forget_loaded(conn, changed)
         return sessions
 
     async def save(self, conns: Iterable[Connection], *, final: bool = False) -> None:
