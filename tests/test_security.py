@@ -48,7 +48,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import rawws
 from tests.client import Client
 from tests.rawws import OP_CONT, OP_TEXT
-from tests.rtcproc import SECRET, Host, settle_ring, start_host, start_redis, until, wait_for
+from tests.rtcproc import (
+    SECRET,
+    Host,
+    metrics_written,
+    settle_ring,
+    start_host,
+    start_redis,
+    until,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -599,6 +608,7 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
             await hijack.join(PUBLIC_ROOM)
 
             total = PUBLISHERS * PER_PUBLISHER
+            await metrics_written()  # the joins' counts are in `fanout_before`
             fanout_before = {h.node_id: prom(h) for h in cluster}
             started = time.monotonic()
 
@@ -658,6 +668,7 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
                     if MARK in text or (frame.get("room") == SECRET_ROOM and frame["type"] != "error"):
                         leaked.append(frame)
             frames_seen = sum(len(c.seen) for c in outsiders)
+            await metrics_written()
             # Every worker that holds outsiders wrote every secret message to its local sockets
             # (its authorized reader sits next to them): the filter is per socket, not per worker.
             fanout = {
