@@ -130,9 +130,7 @@ class LocalRooms:
         return room
 
     def _forget(self, name: str) -> None:
-        timer = self._deferred.pop(name, None)
-        if timer is not None:
-            timer.cancel()
+        self._cancel_deferred(name)
         self._pacer.forget(name)
         self._subscriptions.pop(name, None)
         self.hub.forget(name)
@@ -323,18 +321,21 @@ class LocalRooms:
             self._flush_room(name, now)
 
     def _flush_deferred(self, name: str) -> None:
-        del self._deferred[name]
         self._flush_room(name, asyncio.get_running_loop().time())
 
     def _flush_room(self, name: str, now: float) -> None:
         """Write the room's queue (waiting events too, before any message behind them)."""
-        timer = self._deferred.pop(name, None)
-        if timer is not None:
-            timer.cancel()
+        self._cancel_deferred(name)
         write = self.hub.flush(name)
         if write is not None:
             self._write(write)
             self._pacer.written(name, now)
+
+    def _cancel_deferred(self, name: str) -> None:
+        """The room's waiting events go out now, or never: drop their timer."""
+        timer = self._deferred.pop(name, None)
+        if timer is not None:
+            timer.cancel()
 
     @staticmethod
     def _write(write: h.Write[Connection]) -> None:

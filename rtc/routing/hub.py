@@ -496,13 +496,14 @@ def _without_own_events(
     mine: dict[str, list[int]] = {}
     for index, user in subjects.items():  # in frame order: events are queued in order
         mine.setdefault(user, []).append(index)
+    view = memoryview(data)  # slices without copies: the join makes the one copy
     variants: dict[str, tuple[bytes, Marks]] = {}
     for user, indexes in mine.items():
         pieces, start = [], 0
         for index in indexes:
-            pieces.append(data[start : marks[index - 1][0] if index else 0])
+            pieces.append(view[start : marks[index - 1][0] if index else 0])
             start = marks[index][0]
-        pieces.append(data[start:])
+        pieces.append(view[start:])
         kept = b"".join(pieces)
         last = len(marks) - 1
         for index in reversed(indexes):  # the last frame kept brings the variant's seq
