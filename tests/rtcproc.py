@@ -83,7 +83,11 @@ def wait_for(predicate, timeout: float, what: Description, interval: float = 0.0
 
 async def metrics_written() -> None:
     """Hot metrics reach a scrape within `FLUSH_EVERY` of the event (a timer in each
-    worker, with nothing to await from outside): the documented lag, waited out twice."""
+    worker, with nothing to await from outside): the documented lag, waited out twice.
+
+    For a snapshot taken before traffic, a check that something did not happen, or a scrape
+    whose many values come from several workers' timers; a test that expects one value
+    polls for it with `until` instead."""
     await asyncio.sleep(2 * FLUSH_EVERY)
 
 

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from tests.client import Client
-from tests.rtcproc import Host, hosts, metrics_written, start_redis, wait_for
+from tests.rtcproc import Host, hosts, metrics_written, start_redis, until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,19 +68,23 @@ async def test_room_messages_reach_every_member_once_in_one_order(cluster: list[
         acks = [a for c in publishers for a in await c.wait_frames("ack", PER_PUBLISHER)]
         assert len(acks) == total and {a["seq"] for a in acks} == set(range(base, base + total))
 
-        # every worker delivered; forwarding happened between slots
-        await metrics_written()
-        for host in cluster:
-            _, text = host.get("/metrics", {"Accept": "text/plain"})
-            assert re.search(rb'^rtc_fanout_received_total\{worker="0"\} [1-9]', text, re.M)
-            assert re.search(rb'^rtc_fanout_received_total\{worker="1"\} [1-9]', text, re.M)
-        forwarded = 0.0
-        for host in cluster:
-            _, text = host.get("/metrics", {"Accept": "text/plain"})
-            forwarded += sum(
-                float(v) for v in re.findall(rb"^rtc_forwarded_total\{[^}]*\} (\S+)$", text, re.M)
+        # every worker delivered; forwarding happened between slots (as soon as the
+        # workers' batched metrics are written: the event awaited)
+        def routed() -> bool:
+            texts = [host.get("/metrics", {"Accept": "text/plain"})[1] for host in cluster]
+            delivered = all(
+                re.search(rb'^rtc_fanout_received_total\{worker="%s"\} [1-9]' % worker, text, re.M)
+                for text in texts
+                for worker in (b"0", b"1")
             )
-        assert forwarded > 0, "no publish was forwarded to another slot's owner"
+            forwarded = sum(
+                float(v)
+                for text in texts
+                for v in re.findall(rb"^rtc_forwarded_total\{[^}]*\} (\S+)$", text, re.M)
+            )
+            return delivered and forwarded > 0
+
+        await until(routed, 5, "every worker's fan-out counted and a publish forwarded to another slot")
 
         members = await clients[0].request("members", "members", room="lobby")
         assert members["count"] == MEMBERS

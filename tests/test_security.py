@@ -668,15 +668,22 @@ async def test_no_message_leaks_outside_the_rooms_claim_across_hosts(record: Rec
                     if MARK in text or (frame.get("room") == SECRET_ROOM and frame["type"] != "error"):
                         leaked.append(frame)
             frames_seen = sum(len(c.seen) for c in outsiders)
-            await metrics_written()
+
             # Every worker that holds outsiders wrote every secret message to its local sockets
             # (its authorized reader sits next to them): the filter is per socket, not per worker.
-            fanout = {
-                f"{h.node_id}:{w}": metric(prom(h), "rtc_deliveries_total", worker=w)
-                - metric(fanout_before[h.node_id], "rtc_deliveries_total", worker=w)
-                for h in cluster
-                for w in ("0", "1")
-            }
+            def deliveries() -> dict[str, float]:
+                return {
+                    f"{h.node_id}:{w}": metric(prom(h), "rtc_deliveries_total", worker=w)
+                    - metric(fanout_before[h.node_id], "rtc_deliveries_total", worker=w)
+                    for h in cluster
+                    for w in ("0", "1")
+                }
+
+            with contextlib.suppress(TimeoutError):  # the assertion below says what was short
+                await until(  # the workers' batched metrics written: the event awaited
+                    lambda: all(n >= total for n in deliveries().values()), 5, "deliveries counted"
+                )
+            fanout = deliveries()
             complete = all(secret_seqs(c) == list(range(1, total + 1)) for c in members)
             record(
                 f"{total} publishes to {SECRET_ROOM} from 2 hosts x 2 workers "
