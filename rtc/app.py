@@ -6,6 +6,7 @@ Handlers are thin: they check the request, then hand commands to the `Node`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -300,8 +301,8 @@ async def _upgrade(
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_message_bytes + 1,  # aiohttp refuses sizes >= its limit
         compress=False,
-        heartbeat=settings.ws_heartbeat,
         autoclose=False,
+        autoping=False,  # pings are answered below; silent peers are found by `rtc.keepalive`
     )
     await ws.prepare(request)
     assert request.transport is not None
@@ -392,9 +393,15 @@ async def _rejoin(
 
 async def _await_positions(conn: Connection) -> tuple[Resume | None, WSMessage | None]:
     """The first frame after a resumed `welcome`, for up to POSITIONS_WAIT seconds: the
-    client's positions, or (anything else) the message to handle once the rooms rejoined."""
+    client's positions, or (anything else) the message to handle once the rooms rejoined.
+    Pings and pongs before it are answered and passed over: they take no frame's turn."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + POSITIONS_WAIT
     try:
         msg = await conn.ws.receive(timeout=POSITIONS_WAIT)
+        while msg.type in _CONTROL:
+            await _control(conn, msg)
+            msg = await conn.ws.receive(timeout=max(0.001, deadline - loop.time()))  # 0: none
     except TimeoutError:
         return None, None
     if msg.type is WSMsgType.TEXT:
@@ -440,8 +447,11 @@ async def _serve(state: WorkerState, conn: Connection) -> None:
 
 async def _dispatch(state: WorkerState, conn: Connection, msg: WSMessage) -> bool:
     """Act on one incoming message; False once the connection is over."""
+    conn.quiet = 0
     if msg.type is WSMsgType.TEXT:
         await _handle(state, conn, msg.data)
+    elif msg.type in _CONTROL:
+        await _control(conn, msg)
     elif msg.type is WSMsgType.BINARY:
         _RECEIVED.inc()
         if _admit(conn):
@@ -459,6 +469,17 @@ async def _dispatch(state: WorkerState, conn: Connection, msg: WSMessage) -> boo
     else:  # CLOSING (our own close), CLOSED
         return False
     return True
+
+
+_CONTROL = frozenset((WSMsgType.PING, WSMsgType.PONG))
+
+
+async def _control(conn: Connection, msg: WSMessage) -> None:
+    """A ping is answered; a pong answers a keep-alive ping. Either way the peer was heard."""
+    conn.quiet = 0
+    if msg.type is WSMsgType.PING:
+        with contextlib.suppress(ConnectionError):  # gone meanwhile: its handler ends next
+            await conn.ws.pong(msg.data)
 
 
 async def _final_checkpoint(state: WorkerState, conns: list[Connection]) -> None:

@@ -46,6 +46,7 @@ class Connection:
         "id",
         "peer",
         "principal",
+        "quiet",
         "replays",
         "rooms",
         "session",
@@ -78,6 +79,7 @@ class Connection:
         self.replays: dict[str, asyncio.Task[None]] = {}  # rooms whose replay is being sent
         self.closing = False
         self.welcomed = False
+        self.quiet = 0  # keep-alive sweeps since a frame last arrived (`rtc.keepalive`)
         self._limit = send_queue_bytes
         self._worker = worker
 

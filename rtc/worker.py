@@ -33,6 +33,7 @@ from rtc.config import Settings
 from rtc.connection import Connection
 from rtc.errors import CloseCode, ExitStatus
 from rtc.hostcount import HostConnections
+from rtc.keepalive import keep_alive
 from rtc.log import redact, setup_logging
 from rtc.node import Node
 from rtc.protocol import encode
@@ -170,6 +171,7 @@ class _Worker:
         # and retried after 1 s, 3 s, 7 s: seconds of connect time for nothing).
         site = web.SockSite(runner, self.spec.sock, backlog=LISTEN_BACKLOG)
         await site.start()
+        node.spawn(keep_alive(node.connections, self.settings.ws_heartbeat))
         try:
             joined = await self._enter_ring(node)
         except SlotTaken:

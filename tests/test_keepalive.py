@@ -1,0 +1,102 @@
+"""Silent peers: one keep-alive sweep per worker pings them and cuts those that stay silent.
+
+The sweep runs every half `--ws-heartbeat`; a socket silent for a whole half interval is
+pinged, and cut when no frame (a pong or anything else) came half an interval later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.rawws import OP_PING, OP_PONG, OP_TEXT, RawWS
+from tests.rtcproc import Host, RedisServer, hosts, token
+
+pytestmark = pytest.mark.timeout(60)
+
+HEARTBEAT = 0.4
+
+
+@pytest.fixture(scope="module")
+def host(redis_server: RedisServer) -> Iterator[Host]:
+    with hosts(("keepalive", redis_server.url), workers=1, args=("--ws-heartbeat", str(HEARTBEAT))) as (
+        started,
+    ):
+        yield started
+
+
+def _welcomed(host: Host, user: str, **params: str) -> tuple[RawWS, dict[str, object]]:
+    ws = RawWS.open(host, token=token(user), params=params, timeout=10)
+    return ws, ws.frames_until("welcome")[-1]
+
+
+def test_a_silent_peer_is_pinged_then_cut_without_a_close_frame(host: Host) -> None:
+    ws, _ = _welcomed(host, "silent")
+    try:
+        assert ws.recv_frame()[0] == OP_PING
+        outcome, frames = ws.close_outcome(timeout=10)
+        assert outcome in ("eof", "reset"), outcome  # a dead peer reads nothing: no close frame
+        assert frames == []
+    finally:
+        ws.close()
+
+
+def test_a_peer_that_answers_the_pings_stays_connected(host: Host) -> None:
+    ws, _ = _welcomed(host, "answering")
+    try:
+        for _ in range(4):  # two whole intervals: each ping answered, the socket never cut
+            opcode, payload = ws.recv_frame()
+            assert opcode == OP_PING
+            ws.send_frame(OP_PONG, payload)
+        ws.send_json(type="ping", id="still-here")
+        assert ws.frames_until("pong")[-1] == {"type": "pong", "id": "still-here"}
+    finally:
+        ws.close()
+
+
+def test_a_peer_that_keeps_sending_is_never_pinged(host: Host) -> None:
+    ws, _ = _welcomed(host, "chatty")
+    try:
+        end = time.monotonic() + 3 * HEARTBEAT
+        sent = 0
+        while time.monotonic() < end:
+            ws.send_json(type="ping", id=sent)
+            opcode, _ = ws.recv_frame()
+            assert opcode == OP_TEXT, opcode  # its pong, never a keep-alive ping
+            sent += 1
+            time.sleep(HEARTBEAT / 4)  # the client's own pace: a frame every quarter interval
+        assert sent >= 8
+    finally:
+        ws.close()
+
+
+def test_a_clients_ping_gets_a_pong_with_its_payload(host: Host) -> None:
+    ws, _ = _welcomed(host, "asking")
+    try:
+        ws.send_frame(OP_PING, b"are you there")
+        assert ws.recv_frame() == (OP_PONG, b"are you there")
+    finally:
+        ws.close()
+
+
+def test_a_ping_before_the_resume_positions_is_answered_and_the_positions_still_count(host: Host) -> None:
+    ws, welcome = _welcomed(host, "resumer")
+    ws.send_json(type="join", room="kept", id=1)
+    assert ws.frames_until("joined")[-1]["room"] == "kept"
+    ws.close()
+    back, again = _welcomed(host, "resumer", session=str(welcome["session"]), positions="1")
+    try:
+        assert again["resumed"] is True and "kept" in again["rooms"], again  # type: ignore[operator]
+        back.send_frame(OP_PING, b"first")
+        back.send_json(type="resume", rooms={"kept": 0})
+        assert back.recv_frame() == (OP_PONG, b"first")
+        joined = {}
+        while "kept" not in joined:
+            frames = back.frames_until("joined")
+            assert all(frame["type"] != "error" for frame in frames), frames
+            joined[frames[-1]["room"]] = frames[-1]
+        assert joined["kept"]["seq"] == 0
+    finally:
+        back.close()
