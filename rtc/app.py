@@ -475,8 +475,7 @@ _CONTROL = frozenset((WSMsgType.PING, WSMsgType.PONG))
 
 
 async def _control(conn: Connection, msg: WSMessage) -> None:
-    """A ping is answered; a pong answers a keep-alive ping. Either way the peer was heard."""
-    conn.quiet = 0
+    """A ping is answered; a pong is the answer to a keep-alive ping (heard: nothing to do)."""
     if msg.type is WSMsgType.PING:
         with contextlib.suppress(ConnectionError):  # gone meanwhile: its handler ends next
             await conn.ws.pong(msg.data)
