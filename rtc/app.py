@@ -404,6 +404,7 @@ async def _await_positions(conn: Connection) -> tuple[Resume | None, WSMessage |
             msg = await conn.ws.receive(timeout=max(0.001, deadline - loop.time()))  # 0: none
     except TimeoutError:
         return None, None
+    conn.quiet = 0  # heard (the keep-alive's pong, if one came, among it)
     if msg.type is WSMsgType.TEXT:
         try:
             command = parse(msg.data)

@@ -16,7 +16,7 @@ from tests.rtcproc import Host, RedisServer, hosts, token
 
 pytestmark = pytest.mark.timeout(60)
 
-HEARTBEAT = 0.4
+HEARTBEAT = 1.0  # sweeps every 0.5 s: a pong has that long even on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -98,5 +98,27 @@ def test_a_ping_before_the_resume_positions_is_answered_and_the_positions_still_
             assert all(frame["type"] != "error" for frame in frames), frames
             joined[frames[-1]["room"]] = frames[-1]
         assert joined["kept"]["seq"] == 0
+    finally:
+        back.close()
+
+
+def test_a_pong_while_the_server_waits_for_the_resume_positions_counts(host: Host) -> None:
+    """The keep-alive's ping can reach a resuming client before it sent its positions: its
+    pong, and the positions, are frames heard like any other (it is not cut after)."""
+    ws, welcome = _welcomed(host, "slow-resumer")
+    ws.close()
+    back, _ = _welcomed(host, "slow-resumer", session=str(welcome["session"]), positions="1")
+    try:
+        opcode, payload = back.recv_frame()  # silent until the sweep pings: positions not sent
+        assert opcode == OP_PING
+        back.send_frame(OP_PONG, payload)
+        back.send_json(type="resume", rooms={})
+        back.frames_until("joined")  # its inbox
+        for _ in range(2):  # a whole interval more: each ping answered, never cut
+            opcode, payload = back.recv_frame()
+            assert opcode == OP_PING
+            back.send_frame(OP_PONG, payload)
+        back.send_json(type="ping", id="kept")
+        assert back.frames_until("pong")[-1] == {"type": "pong", "id": "kept"}
     finally:
         back.close()
