@@ -522,6 +522,7 @@ async def _handle(state: WorkerState, conn: Connection, data: str) -> None:
 async def _run(state: WorkerState, conn: Connection, command: object) -> None:
     node = state.node
     request_id = getattr(command, "id", None)
+    conn.busy = True  # its next frames wait meanwhile: the keep-alive counts no silence
     try:
         match command:
             case Publish():
@@ -550,6 +551,8 @@ async def _run(state: WorkerState, conn: Connection, command: object) -> None:
     except Exception:
         log.exception("command failed", extra={"conn": conn.id})
         conn.send_error(ErrorCode.INTERNAL, "internal error", request_id)
+    finally:
+        conn.busy = False
 
 
 async def _refresh(state: WorkerState, conn: Connection, token: str, request_id: object) -> None:

@@ -41,6 +41,7 @@ class Connection:
         "_worker",
         "abuse",
         "bucket",
+        "busy",
         "checkpoint",
         "closing",
         "id",
@@ -80,6 +81,7 @@ class Connection:
         self.closing = False
         self.welcomed = False
         self.quiet = 0  # keep-alive sweeps since a frame last arrived (`rtc.keepalive`)
+        self.busy = False  # a command of its own is running (waiting on Redis, say)
         self._limit = send_queue_bytes
         self._worker = worker
 

@@ -4,7 +4,9 @@ A connection is alive while frames arrive from it; `Connection.quiet` counts the
 since the last one (`app` zeroes it on every frame). Every half `--ws-heartbeat` the sweep
 looks at each connection: one silent for a whole half interval gets a WebSocket ping,
 which every client answers (browsers too); one still silent half an interval after its
-ping is cut. An idle, live socket so sees a ping once per interval.
+ping is cut. An idle, live socket so sees a ping once per interval. While one of its
+commands runs (`Connection.busy`: a join waiting on a stalled Redis, say) its frames are
+not read, so its silence is not counted: the server's slowness never cuts a client.
 
 aiohttp's own heartbeat does the same with a timer per socket, re-armed on every frame
 received: a callback and a deadline computed per frame (about 2 % of a worker relaying
@@ -39,7 +41,7 @@ async def keep_alive(connections: Collection[Connection], interval: float) -> No
 def sweep(connections: Collection[Connection]) -> None:
     """Ping the connections silent since the last sweep but one; cut those that stayed so."""
     for conn in list(connections):  # a cut connection leaves the set
-        if conn.closing:
+        if conn.closing or conn.busy:
             continue
         conn.quiet += 1
         if conn.quiet == _PING_AT:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.rawws import OP_PING, OP_PONG, OP_TEXT, RawWS
-from tests.rtcproc import Host, RedisServer, hosts, token
+from tests.rtcproc import Host, RedisServer, hosts, start_redis, token
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -122,3 +122,20 @@ def test_a_pong_while_the_server_waits_for_the_resume_positions_counts(host: Hos
         assert back.frames_until("pong")[-1] == {"type": "pong", "id": "kept"}
     finally:
         back.close()
+
+
+def test_a_client_whose_command_waits_on_a_stalled_redis_is_not_cut() -> None:
+    """Its frames are not read while its join waits: the silence is the server's, not the
+    client's, and is not counted (the stall lasts over twice the time to a cut)."""
+    redis = start_redis()
+    try:
+        with hosts(("patient", redis.url), workers=1, args=("--ws-heartbeat", str(HEARTBEAT))) as (host,):
+            ws, _ = _welcomed(host, "patient")
+            try:
+                redis.cli("CLIENT", "PAUSE", str(int(HEARTBEAT * 2500)), "WRITE")  # the join's script waits
+                ws.send_json(type="join", room="stalled", id="j")
+                assert ws.frames_until("joined")[-1]["room"] == "stalled"
+            finally:
+                ws.close()
+    finally:
+        redis.stop()
