@@ -32,6 +32,16 @@ def _welcomed(host: Host, user: str, **params: str) -> tuple[RawWS, dict[str, ob
     return ws, ws.frames_until("welcome")[-1]
 
 
+def _answer_pings_then_still_served(ws: RawWS, pings: int, probe: str) -> None:
+    """Answer the next `pings` keep-alive pings, then show the socket is still served."""
+    for _ in range(pings):
+        opcode, payload = ws.recv_frame()
+        assert opcode == OP_PING
+        ws.send_frame(OP_PONG, payload)
+    ws.send_json(type="ping", id=probe)
+    assert ws.frames_until("pong")[-1] == {"type": "pong", "id": probe}
+
+
 def test_a_silent_peer_is_pinged_then_cut_without_a_close_frame(host: Host) -> None:
     ws, _ = _welcomed(host, "silent")
     try:
@@ -46,12 +56,7 @@ def test_a_silent_peer_is_pinged_then_cut_without_a_close_frame(host: Host) -> N
 def test_a_peer_that_answers_the_pings_stays_connected(host: Host) -> None:
     ws, _ = _welcomed(host, "answering")
     try:
-        for _ in range(4):  # two whole intervals: each ping answered, the socket never cut
-            opcode, payload = ws.recv_frame()
-            assert opcode == OP_PING
-            ws.send_frame(OP_PONG, payload)
-        ws.send_json(type="ping", id="still-here")
-        assert ws.frames_until("pong")[-1] == {"type": "pong", "id": "still-here"}
+        _answer_pings_then_still_served(ws, 4, "still-here")  # two whole intervals
     finally:
         ws.close()
 
@@ -114,12 +119,7 @@ def test_a_pong_while_the_server_waits_for_the_resume_positions_counts(host: Hos
         back.send_frame(OP_PONG, payload)
         back.send_json(type="resume", rooms={})
         back.frames_until("joined")  # its inbox
-        for _ in range(2):  # a whole interval more: each ping answered, never cut
-            opcode, payload = back.recv_frame()
-            assert opcode == OP_PING
-            back.send_frame(OP_PONG, payload)
-        back.send_json(type="ping", id="kept")
-        assert back.frames_until("pong")[-1] == {"type": "pong", "id": "kept"}
+        _answer_pings_then_still_served(back, 2, "kept")  # a whole interval more
     finally:
         back.close()
 
