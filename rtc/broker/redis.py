@@ -779,9 +779,10 @@ def _hiredis_parser(pubsub: PubSub) -> Any:
 def _buffered(pubsub: PubSub) -> Iterator[Any]:
     """Replies already read off the pub/sub socket, taken from hiredis without awaiting.
     Without hiredis (a dependency) it yields nothing."""
-    reader = getattr(getattr(pubsub.connection, "_parser", None), "_reader", None)
-    if reader is None:
+    parser = _hiredis_parser(pubsub)
+    if parser is None:
         return
+    reader = parser._reader
     while (reply := reader.gets()) is not NOT_ENOUGH_DATA:
         if isinstance(reply, Exception):
             raise reply
