@@ -301,8 +301,8 @@ class LocalRooms:
 
     def _schedule(self, name: str, messages: bool) -> None:
         """Flush at the end of this turn; events alone when the room's pacing allows."""
-        loop = asyncio.get_running_loop()
         if not messages:
+            loop = asyncio.get_running_loop()
             now = loop.time()
             due = self._pacer.due(name, now)
             if due > now:
@@ -311,7 +311,7 @@ class LocalRooms:
                 return
         self._dirty.append(name)
         if len(self._dirty) == 1:
-            loop.call_soon(self.flush)
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what the rooms queued this turn (also before anything that reads cursors)."""

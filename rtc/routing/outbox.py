@@ -55,8 +55,7 @@ class Outbox:
             self._tasks.spawn(self._flush(), flush=True)
 
     async def _flush(self) -> None:
-        try:
-            await asyncio.sleep(0)  # let this loop turn's messages join the pipeline
+        try:  # started after this loop turn (a task's first step): its messages are queued
             while self._queue:
                 batch, self._queue = self._queue, []
                 # One message per channel: the records of a turn to one slot travel together.

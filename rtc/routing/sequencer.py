@@ -57,8 +57,7 @@ class Sequencer:
             self._tasks.spawn(self._flush(), flush=True)
 
     async def _flush(self) -> None:
-        try:
-            await asyncio.sleep(0)  # let this loop turn's publishes join the batch
+        try:  # started after this loop turn (a task's first step): its publishes are queued
             while self._batches:
                 # A publish already answered `unavailable` (its deadline passed while it
                 # waited here) is not sent: its retry, same id, is the one to sequence.
