@@ -141,6 +141,23 @@ async def test_publishes_to_one_owner_are_pipelined_and_other_lanes_do_not_wait(
     assert [await asyncio.wait_for(f, 5) for f in ahead] == [2, 3, 4]
 
 
+async def test_a_loop_turns_forwards_from_several_connections_travel_as_one_message(world: World) -> None:
+    """Each connection's frame is handled in its own task; those of one loop turn share one
+    PUBLISH: the outbox's flush starts after the turn, with the turn's forwards queued."""
+    world.membership.ring = BOTH
+    loop = asyncio.get_running_loop()
+    replies = [loop.create_future() for _ in range(5)]
+
+    async def frame(connection: int) -> None:
+        world.forwarder.route(connection, ROOM, item(f"c{connection}"), seq_into(replies[connection]))
+
+    await asyncio.gather(*(frame(n) for n in range(5)))  # five tasks, stepped in one turn
+    message = await asyncio.wait_for(world.forwards.get(), 5)
+    texts = [orjson.loads(f.head + b"0" + f.tail)["data"] for f in decode_slots(message)]
+    assert sorted(texts) == [f"c{n}" for n in range(5)]
+    assert world.forwards.empty()
+
+
 async def test_a_forward_nobody_receives_is_sequenced_here_in_lane_order(
     world: World, fresh_redis: RedisServer
 ) -> None:
