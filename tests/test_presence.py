@@ -1,7 +1,8 @@
 """Presence across worker deaths and shutdowns: every join is matched by a leave.
 
 Real hosts and a real Redis: a member on one host watches a user on another host whose
-worker is SIGKILLed or whose host shuts down.
+worker is SIGKILLed or whose host shuts down. And the sweeps that announce leaves: one
+per room and slice, however many users left together.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import orjson
 import psutil
 import pytest
 
 from rtc import keys
+from rtc.broker import RedisBroker
 from rtc.node import MAINTAIN_EVERY, REFRESH_EVERY
-from rtc.routing.presence import MEMBERSHIP_TTL, PRESENCE_LEAVE_DELAY
+from rtc.routing.channels import Channels, Listener
+from rtc.routing.presence import MEMBERSHIP_TTL, PRESENCE_LEAVE_DELAY, SWEEP_SLICE, Presence
+from rtc.routing.records import decode_records
+from rtc.routing.tasks import Tasks
 from tests.client import Client
 from tests.rtcproc import Host, RedisServer, start_host, start_redis, until
 
@@ -154,3 +160,53 @@ async def test_a_burst_of_joins_reaches_a_member_complete_in_order_and_before_la
     finally:
         for client in (alice, *joiners):
             await client.close()
+
+
+class CountedSweeps(RedisBroker):
+    """The real broker, its presence sweeps counted."""
+
+    sweeps = 0
+
+    async def sweep(self, room: str, leave: tuple[bytes, bytes], presence_max: int) -> list[str]:
+        self.sweeps += 1
+        return await super().sweep(room, leave, presence_max)
+
+
+async def test_leaves_of_users_gone_together_share_one_sweep_of_their_room(fresh_redis: RedisServer) -> None:
+    """Fifty users drop at once (a host failover): each leave is announced once, 5 s later,
+    by one sweep of the room per slice instead of one per user, in the middle of the
+    reconnect storm that follows."""
+    channels = Channels()
+    events: asyncio.Queue[bytes] = asyncio.Queue()
+    channels.listen(keys.room_channel("lobby"), Listener(events.put_nowait))
+    broker = CountedSweeps(fresh_redis.url, channels, "0")
+    await broker.start()
+    tasks = Tasks()
+    presence = Presence(broker, tasks, "t:0", 100, "0")
+
+    async def announced(count: int, within: float) -> list[str]:
+        """The users of the next `count` presence events in the room."""
+        users: list[str] = []
+        while len(users) < count:
+            payload = await asyncio.wait_for(events.get(), within)
+            users += [orjson.loads(record.frame)["user"] for record in decode_records(payload)]
+        return users
+
+    try:
+        await broker.subscribe(keys.room_channel("lobby"))
+        users = [f"u{i}" for i in range(50)]
+        for user in users:
+            await presence.join("lobby", user)
+        assert sorted(await announced(len(users), 5)) == sorted(users)  # the joins
+
+        loop = asyncio.get_running_loop()
+        gone = loop.time()
+        await asyncio.gather(*(presence.leave("lobby", user) for user in users))
+        first = await announced(1, PRESENCE_LEAVE_DELAY + SWEEP_SLICE + 5)
+        assert loop.time() - gone >= PRESENCE_LEAVE_DELAY  # never early
+        left = first + await announced(len(users) - len(first), 5)
+        assert sorted(left) == sorted(users)
+        assert broker.sweeps <= 2  # the leaves may straddle two slices
+    finally:
+        tasks.cancel()
+        await broker.close()

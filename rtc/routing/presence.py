@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from rtc import metrics
 from rtc.broker.base import Membership
@@ -18,13 +19,18 @@ log = logging.getLogger("rtc.presence")
 PRESENCE_LEAVE_DELAY = 5.0  # SPEC: a leave is announced 5 s after the last connection left
 MEMBERSHIP_TTL = 15  # a slot's membership keys expire this long after its last refresh
 _SWEEP_LAG = 0.05  # the leave's due time is Redis's clock: sweep a little after it
+# Leaves due in one slice of this length share one sweep of their room, at its end: after
+# a mass disconnect, one sweep per room and slice instead of one per user (thousands at
+# once, in the middle of the reconnect storm). A leave is announced up to a slice later.
+SWEEP_SLICE = 0.25
 
 
 class Presence:
     """Counts this slot's connections per room and user; announces joins and leaves.
 
     A leave is pending in Redis from the moment a user's last connection on this slot
-    left, due `PRESENCE_LEAVE_DELAY` later. This worker sweeps the room when it is due;
+    left, due `PRESENCE_LEAVE_DELAY` later. This worker sweeps the room when it is due
+    (at the end of its `SWEEP_SLICE`, with the other leaves of the room due in it);
     every worker also sweeps the rooms it has members in at each membership refresh, which
     announces the pending leaves of workers that stopped meanwhile and the users of
     workers that died (their membership expired). So every `join` gets its `leave`.
@@ -42,7 +48,7 @@ class Presence:
         self._slot = slot
         self._max = presence_max
         self._joins = metrics.BatchedCounter(metrics.JOINS.labels(worker))
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._sweeps: dict[tuple[str, float], asyncio.TimerHandle] = {}  # (room, when) -> its timer
         self._counts: dict[str, dict[str, int]] = {}  # room -> user -> this slot's connections
 
     async def join(self, room: str, user: str) -> None:
@@ -82,12 +88,15 @@ class Presence:
         await asyncio.gather(*(self._sweep(room) for room in rooms))
 
     def _sweep_later(self, room: str) -> None:
-        def due() -> None:
-            self._timers.discard(timer)
-            self._tasks.spawn(self._sweep(room))
+        """Sweep `room` once a leave pending now is due: at the end of the slice it falls in."""
+        loop = asyncio.get_running_loop()
+        when = math.ceil((loop.time() + PRESENCE_LEAVE_DELAY + _SWEEP_LAG) / SWEEP_SLICE) * SWEEP_SLICE
+        if (room, when) not in self._sweeps:
+            self._sweeps[room, when] = loop.call_at(when, self._due, room, when)
 
-        timer = asyncio.get_running_loop().call_later(PRESENCE_LEAVE_DELAY + _SWEEP_LAG, due)
-        self._timers.add(timer)
+    def _due(self, room: str, when: float) -> None:
+        del self._sweeps[room, when]
+        self._tasks.spawn(self._sweep(room))
 
     async def _sweep(self, room: str) -> None:
         try:
@@ -97,5 +106,5 @@ class Presence:
 
     def close(self) -> None:
         """Pending leaves stay in Redis: the workers still in those rooms announce them."""
-        for timer in self._timers:
+        for timer in self._sweeps.values():
             timer.cancel()
