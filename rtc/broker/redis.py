@@ -210,9 +210,7 @@ class _Pipeliner:
         return future
 
     async def _run(self) -> None:
-        # No yield first: a task's first step runs after the loop turn that made it, so the
-        # turn's commands are queued already; one more turn would only add latency.
-        try:
+        try:  # started after this loop turn (a task's first step): its commands are queued
             while self._queue:
                 batch, self._queue = self._queue, []
                 commands = [args for group, _, _ in batch for args in group]
