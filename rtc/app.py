@@ -400,11 +400,12 @@ async def _await_positions(conn: Connection) -> tuple[Resume | None, WSMessage |
     try:
         msg = await conn.ws.receive(timeout=POSITIONS_WAIT)
         while msg.type in _CONTROL:
+            conn.quiet = 0  # heard: a pong to the keep-alive's ping keeps it while it waits
             await _control(conn, msg)
             msg = await conn.ws.receive(timeout=max(0.001, deadline - loop.time()))  # 0: none
     except TimeoutError:
         return None, None
-    conn.quiet = 0  # heard (the keep-alive's pong, if one came, among it)
+    conn.quiet = 0
     if msg.type is WSMsgType.TEXT:
         try:
             command = parse(msg.data)

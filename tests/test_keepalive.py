@@ -32,12 +32,17 @@ def _welcomed(host: Host, user: str, **params: str) -> tuple[RawWS, dict[str, ob
     return ws, ws.frames_until("welcome")[-1]
 
 
-def _answer_pings_then_still_served(ws: RawWS, pings: int, probe: str) -> None:
-    """Answer the next `pings` keep-alive pings, then show the socket is still served."""
+def _answer_pings(ws: RawWS, pings: int) -> None:
+    """Answer the next `pings` keep-alive pings (each must come: a cut socket fails here)."""
     for _ in range(pings):
         opcode, payload = ws.recv_frame()
         assert opcode == OP_PING
         ws.send_frame(OP_PONG, payload)
+
+
+def _answer_pings_then_still_served(ws: RawWS, pings: int, probe: str) -> None:
+    """Answer the next `pings` keep-alive pings, then show the socket is still served."""
+    _answer_pings(ws, pings)
     ws.send_json(type="ping", id=probe)
     assert ws.frames_until("pong")[-1] == {"type": "pong", "id": probe}
 
@@ -108,15 +113,14 @@ def test_a_ping_before_the_resume_positions_is_answered_and_the_positions_still_
 
 
 def test_a_pong_while_the_server_waits_for_the_resume_positions_counts(host: Host) -> None:
-    """The keep-alive's ping can reach a resuming client before it sent its positions: its
-    pong, and the positions, are frames heard like any other (it is not cut after)."""
+    """The keep-alive's pings can reach a resuming client before it sent its positions: its
+    pongs, and the positions, are frames heard like any other (it is not cut meanwhile,
+    nor after)."""
     ws, welcome = _welcomed(host, "slow-resumer")
     ws.close()
     back, _ = _welcomed(host, "slow-resumer", session=str(welcome["session"]), positions="1")
     try:
-        opcode, payload = back.recv_frame()  # silent until the sweep pings: positions not sent
-        assert opcode == OP_PING
-        back.send_frame(OP_PONG, payload)
+        _answer_pings(back, 2)  # silent but for its pongs: positions not sent for an interval
         back.send_json(type="resume", rooms={})
         back.frames_until("joined")  # its inbox
         _answer_pings_then_still_served(back, 2, "kept")  # a whole interval more
