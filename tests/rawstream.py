@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import struct
@@ -111,6 +112,11 @@ class RawSocket:
         """Drop the connection if still open (test teardown)."""
         if not self.writer.is_closing():
             self.writer.transport.abort()
+
+    async def closed(self) -> None:
+        """Until the transport finished closing (after `abandon`, say), however it ended."""
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
 
     def reset(self) -> None:
         """Vanish: a TCP reset, whatever the buffers still hold."""

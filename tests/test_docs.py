@@ -169,7 +169,7 @@ async def test_exchange_plays(block: Block, host: Host) -> None:
     finally:
         if sock is not None:
             sock.abandon()
-            await asyncio.sleep(0)  # one loop turn for the transport to finish closing: not a timed wait
+            await sock.closed()
 
 
 def quoted(text: str) -> str:
