@@ -186,8 +186,10 @@ class Machine:
         text = self.out("systemctl", "show", unit, *(f"-p{p}" for p in properties))
         return dict(line.split("=", 1) for line in text.splitlines())
 
-    def journal(self, unit: str, since: str = "") -> str:
-        args = ["journalctl", "-u", unit, "--no-pager", "-o", "short-precise"]
+    def journal(self, unit: str | None, since: str = "") -> str:
+        """The journal of `unit`, or (None) all of it: a process that exits at once may log
+        before journald learns its unit, and `-u` misses such a line."""
+        args = ["journalctl", *(["-u", unit] if unit else []), "--no-pager", "-o", "short-precise"]
         return self.out(*args, *(["--since", since] if since else []))
 
 
