@@ -223,7 +223,8 @@ def test_locustfile_against_rtc(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_storm_against_rtc_resumes_every_session(fresh_redis: RedisServer, tmp_path: Path) -> None:
     """Connect storm, drop, resume storm, on a real host: every socket resumes its own
-    session, every worker's loop is pinged, Redis commands per connect are counted."""
+    session, every worker's loop is pinged, Redis commands per connect are counted and
+    Redis's CPU is sampled."""
     out = tmp_path / "storm.json"
     with hosts(("a", fresh_redis.url)) as (host,):
         _run(
@@ -243,6 +244,7 @@ def test_storm_against_rtc_resumes_every_session(fresh_redis: RedisServer, tmp_p
         assert pings and "?" not in pings, pings  # every probe was matched to its worker
         assert all(summary["count"] > 0 for summary in pings.values()), pings
         assert storm[phase]["redis_commands_per_connect"] > 0
+        assert storm[phase]["redis_cpu_pct"] > 0  # the Redis that ran those commands
 
 
 @pytest.mark.timeout(120)

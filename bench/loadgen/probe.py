@@ -13,6 +13,7 @@ from rtc import keys
 
 __all__ = [
     "CpuMeter",
+    "RedisCpuMeter",
     "commands_between",
     "owners",
     "process_stats",
@@ -71,12 +72,41 @@ class CpuMeter:
         self._cpu = self._cpu_seconds()
         self._wall = time.monotonic()
 
+    def _sampled(self) -> bool:
+        return bool(self._pids)
+
     def percent(self) -> float | None:
         """Average CPU in percent since :meth:`start`; None when nothing is sampled."""
-        if not self._pids:
+        if not self._sampled():
             return None
         wall = time.monotonic() - self._wall
         return round(100.0 * (self._cpu_seconds() - self._cpu) / wall, 1) if wall > 0 else None
+
+
+class RedisCpuMeter(CpuMeter):
+    """CPU used by the Redis servers at ``urls`` (every master of a cluster), from ``INFO cpu``.
+
+    Beside the server's and the generator's share it shows where the rest of the machine
+    went. A Redis that is a child of the server (embedded) is in the server's share too.
+    """
+
+    def __init__(self, urls: Iterable[str]) -> None:
+        super().__init__(())
+        self._urls = list(urls)
+
+    def _sampled(self) -> bool:
+        return bool(self._urls)
+
+    def _cpu_seconds(self) -> float:
+        total = 0.0
+        for url in self._urls:
+            client = redis.Redis.from_url(url, socket_timeout=5.0)
+            try:
+                info = client.info("cpu")
+            finally:
+                client.close()
+            total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        return total
 
 
 def process_stats(pids: Iterable[int]) -> dict[str, dict[str, float]]:

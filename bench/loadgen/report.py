@@ -31,7 +31,7 @@ def _fmt(value: Any) -> str:
 
 
 def _steps_table(steps: Sequence[Result]) -> list[str]:
-    head = "  rate/s  sent/s  deliv/s  ratio  p50ms  p99ms  e2e99  srv%  gen%  failures"
+    head = "  rate/s  sent/s  deliv/s  ratio  p50ms  p99ms  e2e99  srv%  gen%  rds%  failures"
     lines = [head]
     for s in steps:
         lines.append(
@@ -39,7 +39,8 @@ def _steps_table(steps: Sequence[Result]) -> list[str]:
             f"  {_fmt(s['deliveries_per_s']):>7}  {_fmt(s['delivery_ratio']):>5}"
             f"  {_fmt(s['latency']['p50_ms']):>5}  {_fmt(s['latency']['p99_ms']):>5}"
             f"  {_fmt(s['e2e_latency']['p99_ms']):>5}  {_fmt(s['server_cpu_pct']):>4}"
-            f"  {_fmt(s['loadgen_cpu_pct']):>4}  {'; '.join(s['failures'])}"
+            f"  {_fmt(s['loadgen_cpu_pct']):>4}  {_fmt(s['redis_cpu_pct']):>4}"
+            f"  {'; '.join(s['failures'])}"
             + (" -> retried" if s.get("retried") else "")
         )
     return lines
@@ -96,6 +97,7 @@ def _storm_line(phase: str, r: Result) -> str:
         f" handshake p99 {_fmt(r['connect_latency']['p99_ms'])} ms,"
         f" loop ping p99 {_fmt(r['loop_ping_p99_ms'])} ms (worst worker),"
         f" srv {_fmt(r['server_cpu_pct'])}% gen {_fmt(r['loadgen_cpu_pct'])}%"
+        f" Redis {_fmt(r['redis_cpu_pct'])}%"
         + (" (client-bound)" if r["client_bound"] else "")
         + (f", Redis commands/connect {per_connect}" if per_connect is not None else "")
     )

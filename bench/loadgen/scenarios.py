@@ -43,6 +43,7 @@ from bench.loadgen.commands import (
 from bench.loadgen.fleet import Fleet
 from bench.loadgen.probe import (
     CpuMeter,
+    RedisCpuMeter,
     commands_between,
     owners,
     process_stats,
@@ -209,7 +210,7 @@ def _step(
     rate: float,
     rp: RampParams,
     per_message: int,
-    meters: tuple[CpuMeter, CpuMeter],
+    meters: tuple[CpuMeter, CpuMeter, CpuMeter],
 ) -> Result:
     """One step of the ramp: every worker sends its share of ``rate`` for a step."""
     n = len(fleet)
@@ -243,6 +244,7 @@ def _step(
         "errors": dict(merged.errors),
         "server_cpu_pct": cpu[0],
         "loadgen_cpu_pct": cpu[1],
+        "redis_cpu_pct": cpu[2],
     }
     row["failures"] = _failures(row, merged, rp, rate, n)
     return row
@@ -284,7 +286,7 @@ def _ramp(
     """Open ``specs``, then raise the rate step by step until a step fails."""
     with _fleet(target, fp, len(specs)) as fleet:
         opened, seconds = _open(fleet, specs, fp)
-        meters = (CpuMeter(target.pids), CpuMeter(fleet.pids))
+        meters = (CpuMeter(target.pids), CpuMeter(fleet.pids), RedisCpuMeter(target.redis_urls))
         steps: list[Result] = []
         rate = rp.start_rate
         before = redis_commandstats(target.redis_urls) if target.redis_urls else {}
@@ -471,13 +473,13 @@ def storm(
 def _storm_phase(
     target: Target, fleet: Fleet, loop_probes: _LoopProbes, commands: list[Open] | list[Resume], budget: float
 ) -> Result:
-    meters = (CpuMeter(target.pids), CpuMeter(fleet.pids))
+    meters = (CpuMeter(target.pids), CpuMeter(fleet.pids), RedisCpuMeter(target.redis_urls))
     loop_probes.start()
     before = redis_commandstats(target.redis_urls) if target.redis_urls else {}
     for meter in meters:
         meter.start()
     opened, seconds = _merge_opens(fleet, commands, budget)
-    server_cpu, loadgen_cpu = (meter.percent() for meter in meters)
+    server_cpu, loadgen_cpu, redis_cpu = (meter.percent() for meter in meters)
     after = redis_commandstats(target.redis_urls) if target.redis_urls else {}
     pings = loop_probes.stop()
     figures = _connect_figures(opened, seconds)
@@ -485,6 +487,7 @@ def _storm_phase(
         "resumed": opened.resumed,
         "server_cpu_pct": server_cpu,
         "loadgen_cpu_pct": loadgen_cpu,
+        "redis_cpu_pct": redis_cpu,
         "client_bound": loadgen_cpu is not None and loadgen_cpu >= _CLIENT_BUSY_PCT * len(fleet),
         "loop_ping_p99_ms": _worst_p99(pings),
         "loop_pings": pings,
