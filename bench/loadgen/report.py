@@ -40,8 +40,7 @@ def _steps_table(steps: Sequence[Result]) -> list[str]:
             f"  {_fmt(s['latency']['p50_ms']):>5}  {_fmt(s['latency']['p99_ms']):>5}"
             f"  {_fmt(s['e2e_latency']['p99_ms']):>5}  {_fmt(s['server_cpu_pct']):>4}"
             f"  {_fmt(s['loadgen_cpu_pct']):>4}  {_fmt(s['redis_cpu_pct']):>4}"
-            f"  {'; '.join(s['failures'])}"
-            + (" -> retried" if s.get("retried") else "")
+            f"  {'; '.join(s['failures'])}" + (" -> retried" if s.get("retried") else "")
         )
     return lines
 
