@@ -54,18 +54,20 @@ class CpuMeter:
 
     def __init__(self, pids: Iterable[int]) -> None:
         self._pids = list(pids)
-        self._cpu = 0.0
+        self._cpu = (0.0, 0.0)
         self._wall = 0.0
 
-    def _cpu_seconds(self) -> float:
-        total = 0.0
+    def _cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds so far: (user and system, system)."""
+        total = system = 0.0
         for proc in _tree(self._pids):
             try:
                 times = proc.cpu_times()
             except psutil.NoSuchProcess:
                 continue
             total += times.user + times.system
-        return total
+            system += times.system
+        return total, system
 
     def start(self) -> None:
         """Begin a measurement window."""
@@ -75,12 +77,19 @@ class CpuMeter:
     def _sampled(self) -> bool:
         return bool(self._pids)
 
+    def percents(self) -> tuple[float, float] | None:
+        """Average CPU in percent since :meth:`start`, and the kernel's part of it (system
+        calls: socket reads and writes); None when nothing is sampled."""
+        wall = time.monotonic() - self._wall
+        if not self._sampled() or wall <= 0:
+            return None
+        (total, system), (total0, system0) = self._cpu_seconds(), self._cpu
+        return round(100.0 * (total - total0) / wall, 1), round(100.0 * (system - system0) / wall, 1)
+
     def percent(self) -> float | None:
         """Average CPU in percent since :meth:`start`; None when nothing is sampled."""
-        if not self._sampled():
-            return None
-        wall = time.monotonic() - self._wall
-        return round(100.0 * (self._cpu_seconds() - self._cpu) / wall, 1) if wall > 0 else None
+        percents = self.percents()
+        return None if percents is None else percents[0]
 
 
 class RedisCpuMeter(CpuMeter):
@@ -97,8 +106,8 @@ class RedisCpuMeter(CpuMeter):
     def _sampled(self) -> bool:
         return bool(self._urls)
 
-    def _cpu_seconds(self) -> float:
-        total = 0.0
+    def _cpu_seconds(self) -> tuple[float, float]:
+        total = system = 0.0
         for url in self._urls:
             client = redis.Redis.from_url(url, socket_timeout=5.0)
             try:
@@ -106,7 +115,8 @@ class RedisCpuMeter(CpuMeter):
             finally:
                 client.close()
             total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-        return total
+            system += float(info["used_cpu_sys"])
+        return total, system
 
 
 def process_stats(pids: Iterable[int]) -> dict[str, dict[str, float]]:

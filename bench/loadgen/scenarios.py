@@ -220,7 +220,8 @@ def _step(
     for meter in meters:
         meter.start()
     time.sleep(rp.step_seconds)
-    cpu = [meter.percent() for meter in meters]
+    server_cpu, server_sys = meters[0].percents() or (None, None)
+    loadgen_cpu, redis_cpu = (meter.percent() for meter in meters[1:])
     replies = fleet.gather(command.max_wait + _CONTROL_SLACK)
     merged = TrafficReply()
     for reply in replies:
@@ -242,9 +243,10 @@ def _step(
         "latency": merged.latency.summary(),
         "e2e_latency": merged.e2e.summary(),
         "errors": dict(merged.errors),
-        "server_cpu_pct": cpu[0],
-        "loadgen_cpu_pct": cpu[1],
-        "redis_cpu_pct": cpu[2],
+        "server_cpu_pct": server_cpu,
+        "server_sys_pct": server_sys,  # the kernel's part of it: system calls
+        "loadgen_cpu_pct": loadgen_cpu,
+        "redis_cpu_pct": redis_cpu,
     }
     row["failures"] = _failures(row, merged, rp, rate, n)
     return row
