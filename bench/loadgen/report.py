@@ -89,14 +89,14 @@ def summary(result: Result) -> str:
 
 
 def _storm_line(phase: str, r: Result) -> str:
-    per_connect = r.get("redis_commands_per_connect")
+    per_connect, redis_cpu = r.get("redis_commands_per_connect"), r["redis_cpu_pct"]
     return (
         f"{phase}: {r['opened']:,} in {r['connect_seconds']} s ({_fmt(r['connect_rate_per_s'])}/s),"
         f" failed {r['failed']:,} {r['errors']}, resumed {r['resumed']:,},"
         f" handshake p99 {_fmt(r['connect_latency']['p99_ms'])} ms,"
         f" loop ping p99 {_fmt(r['loop_ping_p99_ms'])} ms (worst worker),"
         f" srv {_fmt(r['server_cpu_pct'])}% gen {_fmt(r['loadgen_cpu_pct'])}%"
-        f" Redis {_fmt(r['redis_cpu_pct'])}%"
+        + (f" Redis {_fmt(redis_cpu)}%" if redis_cpu is not None else "")
         + (" (client-bound)" if r["client_bound"] else "")
         + (f", Redis commands/connect {per_connect}" if per_connect is not None else "")
     )
