@@ -41,6 +41,7 @@ class World:
     membership: RingMember
     there: RedisBroker  # the test, as the other owner
     forwards: asyncio.Queue[bytes]
+    tasks: Tasks  # this worker's flushes (sequencing, forwarding)
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ async def world(fresh_redis: RedisServer) -> AsyncIterator[World]:
     forwards: asyncio.Queue[bytes] = asyncio.Queue()
     theirs.listen(keys.slot_inbox(THERE), Listener(forwards.put_nowait))
     await there.subscribe(keys.slot_inbox(THERE))
-    yield World(forwarder, membership, there, forwards)
+    yield World(forwarder, membership, there, forwards, tasks)
     tasks.cancel()
     await here.close()
     await there.close()
@@ -112,9 +113,9 @@ async def test_a_publish_whose_owner_changed_waits_for_the_one_ahead(world: Worl
     world.membership.ring = Ring([HERE])  # the owner is now this worker
     route("second")
     route("third")
-    # An observation window, not a wait: long enough for the sequencer to have run, were it
-    # asked; no event marks a reply that must not come.
-    await asyncio.sleep(0.2)
+    # Had either been sent on, a flush (sequencing here) would have answered it: once every
+    # flush is over, neither may be answered.
+    await world.tasks.settle(5)
     assert not replies["second"].done() and not replies["third"].done()
 
     assert await answer(world, first) == 1

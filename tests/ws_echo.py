@@ -94,7 +94,7 @@ async def _admin(request: web.Request) -> web.Response:
 async def _close_slowly(state: _State) -> None:
     """Close sockets one every 0.2 s, as a paced drain would."""
     while state.sockets:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the paced drain's step, not a wait
         ws = next(iter(state.sockets))
         state.sockets.discard(ws)
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"drain")
