@@ -109,11 +109,7 @@ class RedisCpuMeter(CpuMeter):
     def _cpu_seconds(self) -> tuple[float, float]:
         total = system = 0.0
         for url in self._urls:
-            client = redis.Redis.from_url(url, socket_timeout=5.0)
-            try:
-                info = client.info("cpu")
-            finally:
-                client.close()
+            info = _info(url, "cpu")
             total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
             system += float(info["used_cpu_sys"])
         return total, system
@@ -159,13 +155,18 @@ def redis_commandstats(urls: Iterable[str]) -> dict[str, dict[str, int]]:
     """
     calls: dict[str, dict[str, int]] = {}
     for url in urls:
-        client = redis.Redis.from_url(url, socket_timeout=5.0)
-        try:
-            info = client.info("commandstats")
-        finally:
-            client.close()
+        info = _info(url, "commandstats")
         calls[url] = {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()}
     return calls
+
+
+def _info(url: str, section: str) -> dict[str, Any]:
+    """One section of the Redis at ``url``'s ``INFO``."""
+    client = redis.Redis.from_url(url, socket_timeout=5.0)
+    try:
+        return dict(client.info(section))
+    finally:
+        client.close()
 
 
 def commands_between(
