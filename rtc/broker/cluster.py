@@ -31,7 +31,8 @@ from redis.exceptions import SlotNotCoveredError
 
 from rtc import keys
 from rtc.broker.base import BrokerHandler
-from rtc.broker.redis import LOST, RedisCore, Subscriptions, client_options, stop_task
+from rtc.broker.lanes import Subscriptions, stop_task
+from rtc.broker.redis import LOST, RedisCore, client_options
 
 __all__ = ["ClusterBroker"]
 
