@@ -26,7 +26,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from rtc import keys, metrics
-from rtc.app import WorkerState, build_app
+from rtc.app import build_app
+from rtc.appstate import WorkerState
 from rtc.auth import Verifier
 from rtc.broker import SlotTaken, make_broker
 from rtc.config import Settings

@@ -23,7 +23,8 @@ import orjson
 import psutil
 import pytest
 
-from rtc.app import DEMO_ROOMS, DEMO_TOKEN_TTL, FD_RESERVE
+from rtc.appstate import FD_RESERVE
+from rtc.endpoints import DEMO_ROOMS, DEMO_TOKEN_TTL
 from tests.client import Client
 from tests.rawws import OP_BINARY, RawWS
 from tests.rtcproc import (

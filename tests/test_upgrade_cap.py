@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from rtc.app import UPGRADES_IN_FLIGHT
+from rtc.appstate import UPGRADES_IN_FLIGHT
 from tests.rtcproc import Host, RedisServer, token, until
 
 pytestmark = pytest.mark.timeout(60)
