@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import socket
 import time
@@ -523,6 +524,15 @@ class Worker:
 
 
 def run(conn: Connection, setup: WorkerSetup) -> None:
-    """Process entry point (spawned by :class:`bench.loadgen.fleet.Fleet`)."""
+    """Process entry point (spawned by :class:`bench.loadgen.fleet.Fleet`).
+
+    The cyclic garbage collector is off. Its full passes walk every socket's objects: in a
+    10,000-socket storm they paused each generator process eight times, for up to 0.4 s,
+    and in 20 s of directs at 6,000/s for up to 46 ms; a frame that waits out such a pause
+    counts as the server's latency. Measured with it off, a whole storm leaves 130 - 210 objects of
+    cyclic garbage per process, and traffic adds none: reference counting frees the rest.
+    """
     raise_nofile_limit()
+    gc.freeze()
+    gc.disable()
     uvloop.run(Worker(conn, setup).serve())
