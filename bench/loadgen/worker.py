@@ -529,8 +529,9 @@ def run(conn: Connection, setup: WorkerSetup) -> None:
     The cyclic garbage collector is off. Its full passes walk every socket's objects: in a
     10,000-socket storm they paused each generator process eight times, for up to 0.4 s,
     and in 20 s of directs at 6,000/s for up to 46 ms; a frame that waits out such a pause
-    counts as the server's latency. Measured with it off, a whole storm leaves 130 - 210 objects of
-    cyclic garbage per process, and traffic adds none: reference counting frees the rest.
+    counts as the server's latency. Measured with it off, a whole storm leaves 130 - 210
+    objects of cyclic garbage per process, and traffic adds none: reference counting frees
+    the rest.
     """
     raise_nofile_limit()
     gc.freeze()
