@@ -23,27 +23,48 @@ class FakeSocket:
         self.sent: list[dict[str, Any]] = []
         self.incoming: asyncio.Queue[aiohttp.WSMessage] = asyncio.Queue()
         self.close_code: int | None = None
+        self.idle = asyncio.Event()  # the reader asks for a frame and none is waiting
+        self.sent_one = asyncio.Event()
 
     def deliver(self, **frame: Any) -> None:
-        self.incoming.put_nowait(aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, json.dumps(frame), None))
+        self._put(aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, json.dumps(frame), None))
 
     def drop(self, code: int, reason: str = "") -> None:
-        self.incoming.put_nowait(aiohttp.WSMessage(aiohttp.WSMsgType.CLOSE, code, reason))
+        self._put(aiohttp.WSMessage(aiohttp.WSMsgType.CLOSE, code, reason))
+
+    def _put(self, message: aiohttp.WSMessage) -> None:
+        self.idle.clear()
+        self.incoming.put_nowait(message)
 
     async def receive(self) -> aiohttp.WSMessage:
+        if self.incoming.empty():
+            self.idle.set()
         return await self.incoming.get()
 
     async def send_str(self, data: str) -> None:
         self.sent.append(json.loads(data))
+        self.sent_one.set()
 
     async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
         if self.close_code is None:
             self.close_code = code
-            self.incoming.put_nowait(aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None))
+            self._put(aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None))
         return True
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [f for f in self.sent if f["type"] == kind]
+
+    async def handled(self) -> None:
+        """Until the client has handled every frame delivered so far: its reader handles
+        one to the end (and sends what it answers) before it asks for the next."""
+        await asyncio.wait_for(self.idle.wait(), 2)
+
+    async def frame(self, kind: str, count: int = 1) -> dict[str, Any]:
+        """The `count`th frame of `kind` the client sent, once it is sent."""
+        while len(self.of(kind)) < count:
+            self.sent_one.clear()
+            await asyncio.wait_for(self.sent_one.wait(), 2)
+        return self.of(kind)[count - 1]
 
 
 class Harness:
@@ -68,6 +89,12 @@ class Harness:
         await self.wake.wait()
         self.wake.clear()
 
+    async def first_socket(self) -> FakeSocket:
+        while not self.sockets:
+            self.made.clear()
+            await asyncio.wait_for(self.made.wait(), 2)
+        return self.sockets[0]
+
     async def next_socket(self) -> FakeSocket:
         count = len(self.sockets)
         self.wake.set()
@@ -90,11 +117,6 @@ class Harness:
         )
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
 def welcome(socket: FakeSocket, **extra: Any) -> None:
     socket.deliver(
         **{"type": "welcome", "session": "S1", "user": "ann", "node": "n", "resumed": False, **extra}
@@ -103,8 +125,7 @@ def welcome(socket: FakeSocket, **extra: Any) -> None:
 
 async def joined_room(harness: Harness, client: Client, socket: FakeSocket, name: str, seq: int) -> Any:
     joining = asyncio.ensure_future(client.join(name))
-    await settle()
-    join = socket.of("join")[-1]
+    join = await socket.frame("join", len(socket.of("join")) + 1)
     socket.deliver(type="joined", room=name, seq=seq, epoch="E", recovered=True, id=join["id"])
     return await asyncio.wait_for(joining, 2)
 
@@ -134,8 +155,7 @@ async def test_reconnect_schedule_is_full_jitter_and_resets_after_welcome() -> N
     harness = Harness()
     client = harness.client()
     connecting = asyncio.ensure_future(client.connect())
-    await settle()
-    socket = harness.sockets[0]
+    socket = await harness.first_socket()
     for attempt in range(8):
         socket.drop(1006)
         assert await harness.next_sleep() == backoff_delay(attempt, lambda: 0.5)
@@ -152,8 +172,7 @@ async def test_migrating_honours_reconnect_after_and_new_endpoint() -> None:
     harness = Harness()
     client = harness.client()
     connecting = asyncio.ensure_future(client.connect())
-    await settle()
-    socket = harness.sockets[0]
+    socket = await harness.first_socket()
     welcome(socket)
     await connecting
     socket.deliver(
@@ -174,13 +193,13 @@ async def test_no_reconnect_after_final_close_codes(code: int) -> None:
     harness = Harness()
     client = harness.client()
     closed: list[int] = []
-    client.on("closed", lambda event: closed.append(event["code"]))
+    stopped = asyncio.Event()
+    client.on("closed", lambda event: (closed.append(event["code"]), stopped.set()))
     connecting = asyncio.ensure_future(client.connect())
-    await settle()
-    welcome(harness.sockets[0])
+    welcome(await harness.first_socket())
     await connecting
     harness.sockets[0].drop(code)
-    await settle()
+    await asyncio.wait_for(stopped.wait(), 2)
     assert (client.state, closed, harness.sleeps, len(harness.sockets)) == ("closed", [code], [], 1)
     await client.close()
 
@@ -194,8 +213,7 @@ async def test_4001_with_get_token_reconnects_with_a_new_token() -> None:
 
     client = harness.client(token=None, get_token=get_token)
     connecting = asyncio.ensure_future(client.connect())
-    await settle()
-    welcome(harness.sockets[0])
+    welcome(await harness.first_socket())
     await connecting
     harness.sockets[0].drop(4001, "token expired")
     await harness.next_sleep()
@@ -219,8 +237,7 @@ async def test_queue_resend_with_same_ids_and_exactly_once_order() -> None:
     harness = Harness()
     client = harness.client()
     connecting = asyncio.ensure_future(client.connect())
-    await settle()
-    first = harness.sockets[0]
+    first = await harness.first_socket()
     welcome(first)
     await connecting
     room = await joined_room(harness, client, first, "news", 4)
@@ -229,11 +246,13 @@ async def test_queue_resend_with_same_ids_and_exactly_once_order() -> None:
     first.drop(1006)
     await harness.next_sleep()
     publishes = [asyncio.ensure_future(room.publish({"n": i})) for i in range(2)]
-    await settle()
+    # A publish queues in its task's first step, before it awaits anything; both tasks
+    # were scheduled before this one yields, so both steps run in this one loop turn.
+    await asyncio.sleep(0)
     assert client.queued == 2
     second = await harness.next_socket()
     welcome(second, resumed=True)  # an older server: no `rooms`, so a `join since` follows
-    await settle()
+    await second.handled()
     rejoin = second.of("join")[-1]
     assert (rejoin["since"], rejoin["epoch"]) == (4, "E")
     assert second.of("publish") == []  # held until joined
@@ -243,18 +262,18 @@ async def test_queue_resend_with_same_ids_and_exactly_once_order() -> None:
     second.deliver(type="joined", room="news", seq=6, epoch="E", recovered=True, id=rejoin["id"])
     for seq in (5, 6, 6, 7):
         second.deliver(type="message", room="news", seq=seq, **{"from": "x"}, data=seq, ts=0)
-    await settle()
+    await second.handled()
     ids = [f["id"] for f in second.of("publish")]
     assert len(ids) == 2
     second.drop(1006)  # unacked: sent again with the same ids
     await harness.next_sleep()
     third = await harness.next_socket()
     welcome(third, resumed=True)
-    await settle()
+    await third.handled()
     rejoin = third.of("join")[-1]
     assert rejoin["since"] == 7
     third.deliver(type="joined", room="news", seq=7, epoch="E", recovered=True, id=rejoin["id"])
-    await settle()
+    await third.handled()
     assert [f["id"] for f in third.of("publish")] == ids
     for seq, request_id in zip((8, 9), ids, strict=True):
         third.deliver(type="ack", room="news", seq=seq, id=request_id)
@@ -263,7 +282,7 @@ async def test_queue_resend_with_same_ids_and_exactly_once_order() -> None:
         third.deliver(type="message", room="news", seq=seq, **{"from": "x"}, data=0, ts=0)
     third.deliver(type="gap", room="news", **{"from": 11, "to": 12})
     third.deliver(type="message", room="news", seq=13, **{"from": "x"}, data=0, ts=0)
-    await settle()
+    await third.handled()
     assert got == [5, 6, 7, 8, 9, 10, 13]
     await client.close()
 
@@ -272,18 +291,17 @@ async def test_resume_with_positions_sends_the_clients_own_seqs() -> None:
     harness = Harness()
     client = harness.client()
     connecting = asyncio.ensure_future(client.connect())
-    await settle()
-    first = harness.sockets[0]
+    first = await harness.first_socket()
     welcome(first)
     await connecting
     await joined_room(harness, client, first, "a", 7)
     first.deliver(type="direct", **{"from": "bob"}, seq=3, data=1, ts=0)
-    await settle()
+    await first.handled()
     first.drop(1006)
     await harness.next_sleep()
     second = await harness.next_socket()
     welcome(second, resumed=True, rooms=["a", "@ann", "old"])
-    await settle()
+    await second.handled()
     [resume] = second.of("resume")
     assert resume["rooms"] == {"@ann": 3, "a": 7}
     assert resume["epochs"] == {"a": "E"}
@@ -295,12 +313,11 @@ async def test_the_queue_is_bounded() -> None:
     harness = Harness()
     client = harness.client(max_queue=1)
     connecting = asyncio.ensure_future(client.connect())
-    await settle()
-    welcome(harness.sockets[0])
+    welcome(await harness.first_socket())
     await connecting
     room = await joined_room(harness, client, harness.sockets[0], "q", 0)
     pending = asyncio.ensure_future(room.publish(1))
-    await settle()
+    await harness.sockets[0].frame("publish")
     with pytest.raises(RtcError) as refused:
         await room.publish(2)
     assert refused.value.code == "queue_full"
