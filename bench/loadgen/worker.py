@@ -534,6 +534,5 @@ def run(conn: Connection, setup: WorkerSetup) -> None:
     the rest.
     """
     raise_nofile_limit()
-    gc.freeze()
     gc.disable()
     uvloop.run(Worker(conn, setup).serve())
