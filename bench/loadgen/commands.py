@@ -68,6 +68,7 @@ class OpenReply:
     opened: int = 0
     failed: int = 0
     resumed: int = 0  # welcomes that said `resumed: true`
+    events: int = 0  # presence events the worker's sockets received meanwhile
     seconds: float = 0.0  # the worker's wall time for the whole command
     errors: Counter[str] = field(default_factory=Counter)
     connect: Histogram = field(default_factory=Histogram)

@@ -34,6 +34,7 @@ class Kind(Enum):
     PONG = "pong"  # answer to a probe's ping; ``sent`` is when the ping left
     ERROR = "error"
     REPLY = "reply"  # must be answered with Frame.reply (engine.io ping)
+    EVENT = "event"  # a presence event (join or leave): counted, it is work the server did
     OTHER = "other"
 
 
@@ -52,6 +53,7 @@ class Frame(NamedTuple):
 
 
 _OTHER = Frame(Kind.OTHER)
+_EVENT = Frame(Kind.EVENT)
 
 
 def _delivery(key: str, msg: dict[str, Any]) -> Frame:
@@ -117,6 +119,8 @@ class RtcProtocol:
             return _delivery("@" + user, msg)
         if kind == "ack":
             return Frame(Kind.ACK)
+        if kind == "presence":
+            return _EVENT
         if kind == "joined":
             return Frame(Kind.JOINED, msg["room"], int(msg["seq"]))
         if kind == "welcome":

@@ -93,6 +93,7 @@ def _storm_line(phase: str, r: Result) -> str:
     return (
         f"{phase}: {r['opened']:,} in {r['connect_seconds']} s ({_fmt(r['connect_rate_per_s'])}/s),"
         f" failed {r['failed']:,} {r['errors']}, resumed {r['resumed']:,},"
+        f" presence events received {r.get('presence_events', 0):,},"
         f" handshake p99 {_fmt(r['connect_latency']['p99_ms'])} ms,"
         f" loop ping p99 {_fmt(r['loop_ping_p99_ms'])} ms (worst worker),"
         f" srv {_fmt(r['server_cpu_pct'])}% gen {_fmt(r['loadgen_cpu_pct'])}%"

@@ -155,6 +155,7 @@ def _merge_opens(fleet: Fleet, commands: list[Open] | list[Resume], budget: floa
         merged.opened += reply.opened
         merged.failed += reply.failed
         merged.resumed += reply.resumed
+        merged.events += reply.events
         merged.seconds = max(merged.seconds, reply.seconds)
         merged.errors.update(reply.errors)
         merged.connect.merge(reply.connect)
@@ -487,6 +488,7 @@ def _storm_phase(
     figures = _connect_figures(opened, seconds)
     figures |= {
         "resumed": opened.resumed,
+        "presence_events": opened.events,
         "server_cpu_pct": server_cpu,
         "loadgen_cpu_pct": loadgen_cpu,
         "redis_cpu_pct": redis_cpu,
@@ -495,10 +497,10 @@ def _storm_phase(
         "loop_pings": pings,
     }
     if target.redis_urls and opened.opened:
-        commands, per_server = commands_between(before, after)
-        figures["redis_commands"] = commands
+        counted, per_server = commands_between(before, after)
+        figures["redis_commands"] = counted
         figures["redis_commands_by_server"] = per_server
-        figures["redis_commands_per_connect"] = round(sum(commands.values()) / opened.opened, 2)
+        figures["redis_commands_per_connect"] = round(sum(counted.values()) / opened.opened, 2)
     time.sleep(_SETTLE)  # what the server does after the last joined (presence) settles
     return figures
 

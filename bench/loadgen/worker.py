@@ -168,6 +168,8 @@ class Client(picows.WSListener):  # type: ignore[misc]
                 tally.e2e.add(now - decoded.sent)
             self.checker.observe(decoded.key, decoded.seq)
             worker.last_delivery = now
+        elif kind is Kind.EVENT:
+            worker.events += 1
         elif kind is Kind.ACK:
             tally.acks += 1
         elif kind is Kind.PONG:
@@ -218,6 +220,7 @@ class Worker:
         self.integrity = Integrity()
         self.tally = TrafficReply()
         self.dropped = 0
+        self.events = 0  # presence events received, over the worker's life
         self.last_delivery = 0.0
 
     async def serve(self) -> None:
@@ -338,9 +341,10 @@ class Worker:
                 reply.resumed += client.resumed
                 opened[index] = client
 
-        started = loop.time()
+        started, events = loop.time(), self.events
         await asyncio.gather(*(open_one(i, *job) for i, job in enumerate(jobs)))
         reply.seconds = loop.time() - started
+        reply.events = self.events - events
         return reply, opened
 
     async def _open(self, command: Open) -> OpenReply:
